@@ -1,0 +1,295 @@
+"""The DEQ layer: z* = f(z*, x), solved by a registered solver, differentiated by a registered backward mode.
+
+Backward modes (``BACKWARDS`` registry):
+
+``phantom`` (the paper's Algorithm 1)
+    Solve without a graph, then take K damped steps z ← (1 − τ) z + τ f(z, x) from the detached z* with
+    autograd on. Derivatives w.r.t. x and θ flow through these K steps only — a truncated Neumann series
+    of the implicit derivative (Proposition 2), cheap and flat in memory.
+
+``unroll``
+    Back-propagate through every solver iteration (the memory-hungry reference).
+
+``implicit``
+    Exact implicit differentiation (Proposition 1): for a loss gradient g = ∂L/∂z*, solve the adjoint
+    fixed point wᵀ = gᵀ + wᵀ ∂f/∂z at z*, then ∂L/∂x = wᵀ ∂f/∂x and ∂L/∂θ = wᵀ ∂f/∂θ.
+
+    Score matching needs more: its loss contains ∇ₓ of the model, so the backward pass itself must be
+    differentiable, including the dependence of z* on x and θ inside it (the second-order term of the
+    paper's eq. 9; TorchDEQ drops it because its backward works on a detached z*). Here the fixed point
+    is a custom :class:`torch.autograd.Function` whose backward is written in differentiable operations:
+
+    * z* is saved as the Function's *output*, so inside a graph-recording backward it still carries this
+      Function as its grad_fn, and derivatives through z* come back here;
+    * the partial vector-Jacobian products (in z alone; in x and θ alone) are taken w.r.t. aliases of
+      those arguments (:func:`partial_vjp`), so they do not follow z*'s own graph (which would recurse
+      without end);
+    * the adjoint solve is *the same Function* applied to the adjoint map w ↦ g + (∂f/∂z)ᵀ w, so its
+      derivative is again an implicit solve — recursively, to any order (first order for the score,
+      second for ∇ₓ s, third for the parameter gradient of an SSM loss).
+
+    When the backward runs without ``create_graph`` (plain training of a non-derivative loss) all of
+    this is a single adjoint solve with no graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from deqsm.registry import Registry
+from deqsm.solvers import SolverStats, solve
+
+Tensor = torch.Tensor
+
+BACKWARDS: Registry["BackwardMode"] = Registry("backward mode")
+
+
+class Cell(Protocol):
+    """f(z, x): the model's map; x is whatever the model injects (often already g(y))."""
+
+    def __call__(self, z: Tensor, x: Tensor) -> Tensor: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weight normalisation (well-posedness: a contractive linear part → a unique fixed point)
+# ---------------------------------------------------------------------------------------------------
+def frobenius_normalize(weight: Tensor, lam: float, eps: float = 1e-6) -> Tensor:
+    """W / (λ (‖W‖_F + ε)), the paper's normalisation; ‖·‖₂ ≤ ‖·‖_F so λ > 1 makes it a contraction."""
+    return weight / (lam * (torch.linalg.matrix_norm(weight.flatten(1), ord="fro") + eps))
+
+
+def spectral_normalize(weight: Tensor, lam: float, eps: float = 1e-6) -> Tensor:
+    """W / (λ (σ_max(W) + ε)), the tightest normalisation (exact σ_max via SVD: costly for large W)."""
+    return weight / (lam * (torch.linalg.matrix_norm(weight.flatten(1), ord=2) + eps))
+
+
+NORMALIZATIONS: Registry[Callable[..., Tensor]] = Registry("weight normalisation")
+NORMALIZATIONS.register("frobenius")(frobenius_normalize)
+NORMALIZATIONS.register("spectral")(spectral_normalize)
+
+
+class NormalizedLinear(nn.Module):
+    """A bias-free linear map z ↦ Ŵ z with Ŵ = W normalised so that ‖Ŵ‖₂ ≤ 1/λ."""
+
+    def __init__(self, features: int, *, lam: float = 2.0, norm: str = "frobenius") -> None:
+        super().__init__()
+        if not lam > 1.0:
+            raise ValueError(f"normalisation lambda must be > 1 for a contraction, got {lam}")
+        self.lam = lam
+        self.norm = norm
+        self._normalize = NORMALIZATIONS.get(norm)
+        self.weight = nn.Parameter(torch.empty(features, features))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z @ self._normalize(self.weight, self.lam).t()
+
+
+class SoftplusCell(nn.Module):
+    """f(z, u) = Softplus(Ŵ z + u): the paper's MLP cell; u = g(x) is the injection computed once by the
+    model. Softplus is smooth (the theory needs f ∈ C²) and 1-Lipschitz, so ‖Ŵ‖₂ < 1 gives a contraction."""
+
+    def __init__(self, width: int, *, lam: float = 2.0, norm: str = "frobenius") -> None:
+        super().__init__()
+        self.linear = NormalizedLinear(width, lam=lam, norm=norm)
+        self.act = nn.Softplus()
+
+    def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        return self.act(self.linear(z) + u)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backward modes
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SolveSpec:
+    """How to solve: forwarded to :func:`deqsm.solvers.solve`."""
+
+    method: str = "anderson"
+    tol: float = 1e-5
+    max_iter: int = 50
+    stop_mode: str = "abs"
+    raise_on_nonconvergence: bool = False
+    knobs: tuple[tuple[str, float], ...] = ()
+
+    def __call__(self, f: Callable[[Tensor], Tensor], z0: Tensor, record_graph: bool = False):
+        return solve(
+            f, z0, method=self.method, tol=self.tol, max_iter=self.max_iter, stop_mode=self.stop_mode,
+            raise_on_nonconvergence=self.raise_on_nonconvergence, record_graph=record_graph,
+            **dict(self.knobs),
+        )
+
+
+def partial_vjp(fn: Callable[..., Tensor], args: list[Tensor], wrt: list[int], cotangent: Tensor) -> list[Tensor]:
+    """The VJP of ``fn(*args)`` with ``cotangent``, w.r.t. ``args[i]`` for i in ``wrt`` only: *partial*
+    derivatives that do not follow the other arguments' own dependence on the differentiated ones.
+
+    Each differentiated argument is replaced by an alias (a view, still attached to its graph when it has
+    one); ``autograd.grad`` w.r.t. the alias stops there. When grad mode is on (a graph-recording
+    backward), the result keeps its graph to the original tensors, so it can be differentiated again.
+    (``torch.func.vjp`` computes the same but refuses to run under saved-tensor hooks, which the memory
+    measurement uses.)
+    """
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        aliases = list(args)
+        for i in wrt:
+            a = args[i]
+            aliases[i] = a.view_as(a) if a.requires_grad else a.detach().requires_grad_(True)
+        out = fn(*aliases)
+        grads = torch.autograd.grad(out, [aliases[i] for i in wrt], cotangent,
+                                    create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(args[i]) if g is None else g for i, g in zip(wrt, grads)]
+
+
+class _ImplicitFixedPoint(torch.autograd.Function):
+    """u* = fn(u*, *inputs), differentiable to any order w.r.t. ``inputs`` (see the module docstring).
+
+    ``sink`` is a list that receives the stats of every solve (the forward one first)."""
+
+    @staticmethod
+    def forward(ctx, fn, u0, spec: SolveSpec, adjoint_spec: SolveSpec, sink: list, *inputs):  # type: ignore[override]
+        u, stats = spec(lambda u: fn(u, *inputs), u0)
+        sink.append(stats)
+        ctx.fn, ctx.adjoint_spec, ctx.sink = fn, adjoint_spec, sink
+        ctx.save_for_backward(u, *inputs)
+        return u
+
+    @staticmethod
+    def backward(ctx, grad_u):  # type: ignore[override]
+        u, *inputs = ctx.saved_tensors
+        fn, spec, sink = ctx.fn, ctx.adjoint_spec, ctx.sink
+
+        def adjoint_map(w: Tensor, g: Tensor, u_: Tensor, *inps: Tensor) -> Tensor:
+            # w ↦ g + (∂fn/∂u)ᵀ w: the partial VJP in u alone, at the saved fixed point.
+            return g + partial_vjp(fn, [u_, *inps], [0], w)[0]
+
+        w = _ImplicitFixedPoint.apply(adjoint_map, grad_u, spec, spec, sink, grad_u, u, *inputs)
+        # The partial VJP in the inputs alone (not through u's own dependence on them).
+        grads = partial_vjp(fn, [u, *inputs], list(range(1, len(inputs) + 1)), w)
+        return (None, None, None, None, None, *grads)
+
+
+class BackwardMode(Protocol):
+    def __call__(
+        self, deq: "DEQ", x: Tensor, z0: Tensor, params: dict[str, Tensor]
+    ) -> tuple[Tensor, SolverStats]: ...
+
+
+@BACKWARDS.register("phantom")
+def phantom_backward(deq: "DEQ", x: Tensor, z0: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, SolverStats]:
+    with torch.no_grad():
+        z, stats = deq.solve_spec(lambda z: deq.cell(z, x), z0)
+    z = z.detach()
+    for _ in range(deq.k):
+        fz = deq.cell(z, x)
+        z = fz if deq.tau == 1.0 else (1.0 - deq.tau) * z + deq.tau * fz
+    return z, stats
+
+
+@BACKWARDS.register("unroll")
+def unroll_backward(deq: "DEQ", x: Tensor, z0: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, SolverStats]:
+    return deq.solve_spec(lambda z: deq.cell(z, x), z0, record_graph=True)
+
+
+@BACKWARDS.register("implicit")
+def implicit_backward(deq: "DEQ", x: Tensor, z0: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, SolverStats]:
+    names = list(params)
+    inputs = [x, *params.values()]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        with torch.no_grad():
+            return deq.solve_spec(lambda z: deq.cell(z, x), z0)
+
+    cell = deq.cell
+
+    def fn(z: Tensor, x_: Tensor, *param_values: Tensor) -> Tensor:
+        return functional_call(cell, dict(zip(names, param_values)), (z, x_))
+
+    sink: list[SolverStats] = []
+    deq.backward_stats = sink  # filled by the adjoint solves when a backward pass runs
+    z = _ImplicitFixedPoint.apply(fn, z0.detach(), deq.solve_spec, deq.adjoint_spec, sink, *inputs)
+    return z, sink.pop(0)  # the forward solve's stats; the adjoint solves append to ``sink`` later
+
+
+# ---------------------------------------------------------------------------------------------------
+# The layer
+# ---------------------------------------------------------------------------------------------------
+class DEQ(nn.Module):
+    """A deep equilibrium layer around ``cell``: ``DEQ(cell, ...)(x, z0)`` returns z* = cell(z*, x).
+
+    Args:
+        cell: an nn.Module computing f(z, x).
+        solver: forward solver name (:data:`deqsm.solvers.SOLVERS`).
+        backward: ``phantom`` | ``unroll`` | ``implicit`` (:data:`BACKWARDS`).
+        k, tau: phantom steps and their damping (paper: K = 2, τ = 1).
+        tol, max_iter, stop_mode: the forward stopping rule.
+        solver_options: the solver's own knobs, e.g. ``{"memory": 5}`` for Anderson.
+        adjoint_solver, adjoint_tol, adjoint_max_iter: the implicit mode's backward solves (default: the
+            forward solver, a tolerance 10× tighter, twice the iterations).
+        raise_on_nonconvergence: make a solve that misses ``tol`` an error instead of a stat.
+
+    After a forward, ``last_stats`` holds the forward solve's :class:`SolverStats`; in implicit mode
+    ``backward_stats`` collects the stats of the adjoint solves run by the latest backward pass.
+    """
+
+    def __init__(
+        self,
+        cell: nn.Module,
+        *,
+        solver: str = "anderson",
+        backward: str = "phantom",
+        k: int = 2,
+        tau: float = 1.0,
+        tol: float = 1e-5,
+        max_iter: int = 50,
+        stop_mode: str = "abs",
+        solver_options: dict[str, float] | None = None,
+        adjoint_solver: str | None = None,
+        adjoint_tol: float | None = None,
+        adjoint_max_iter: int | None = None,
+        raise_on_nonconvergence: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backward_mode = BACKWARDS.get(backward)
+        if k < 1:
+            raise ValueError(f"phantom steps k must be >= 1, got {k}")
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"phantom damping tau must be in (0, 1], got {tau}")
+        self.cell = cell
+        self.backward = backward
+        self.k, self.tau = k, tau
+        knobs = tuple(sorted((solver_options or {}).items()))
+        self.solve_spec = SolveSpec(solver, tol, max_iter, stop_mode, raise_on_nonconvergence, knobs)
+        adj_solver = adjoint_solver or solver
+        self.adjoint_spec = SolveSpec(
+            adj_solver,
+            adjoint_tol if adjoint_tol is not None else tol / 10,
+            adjoint_max_iter if adjoint_max_iter is not None else 2 * max_iter,
+            stop_mode,
+            raise_on_nonconvergence,
+            knobs if adj_solver == solver else (),
+        )
+        # Validate the solver name and its knobs now rather than at the first forward.
+        self.solve_spec(lambda z: z * 0.0, torch.zeros(1, 1))
+        self.last_stats: SolverStats | None = None
+        self.backward_stats: list[SolverStats] = []
+
+    def forward(self, x: Tensor, z0: Tensor) -> Tensor:
+        if not torch.is_tensor(x) or not torch.is_tensor(z0):
+            raise TypeError("DEQ expects tensors x and z0")
+        if z0.shape[0] != x.shape[0]:
+            raise ValueError(f"batch sizes differ: x has {x.shape[0]}, z0 has {z0.shape[0]}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("DEQ input contains NaN or Inf values")
+        params = {n: p for n, p in self.cell.named_parameters() if p.requires_grad}
+        z, stats = self.backward_mode(self, x, z0, params)
+        self.last_stats = stats
+        return z
+
+    def extra_repr(self) -> str:
+        s = self.solve_spec
+        return f"solver={s.method}, backward={self.backward}, k={self.k}, tau={self.tau}, tol={s.tol}, max_iter={s.max_iter}"

@@ -1,0 +1,1 @@
+"""Models: energy networks (explicit and DEQ) and the paper's experiment models."""
