@@ -84,9 +84,22 @@ class NormalizedLinear(nn.Module):
         self._normalize = NORMALIZATIONS.get(norm)
         self.weight = nn.Parameter(torch.empty(features, features))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self._cached: tuple[tuple, Tensor] | None = None
+
+    def normalized_weight(self) -> Tensor:
+        w = self.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return self._normalize(w, self.lam)
+        # A graph-free solve calls the cell tens of times with the same weight: normalise once (an SVD
+        # for "spectral"). The key changes when the weight is replaced or updated in place.
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._cached is None or self._cached[0] != key:
+            with torch.no_grad():
+                self._cached = (key, self._normalize(w, self.lam))
+        return self._cached[1]
 
     def forward(self, z: Tensor) -> Tensor:
-        return z @ self._normalize(self.weight, self.lam).t()
+        return z @ self.normalized_weight().t()
 
 
 class SoftplusCell(nn.Module):

@@ -229,13 +229,15 @@ def broyden(
     tol: float,
     stop_mode: str = "abs",
     memory: int = 30,
+    restart_factor: float = 10.0,
 ) -> tuple[Tensor, SolverStats]:
     """Limited-memory ("good") Broyden on the root problem g(z) = f(z) − z = 0.
 
     The inverse Jacobian of g is approximated as H = −I + Σ u_i v_iᵀ (the −I start makes the first step a
-    plain Picard step) and updated by Sherman–Morrison after each step. When ``memory`` updates are
-    stored the oldest is dropped. Broyden's residual is not monotone, so the best iterate per sample is
-    returned.
+    plain Picard step) and updated by Sherman–Morrison after each step. Safeguards: when ``memory``
+    updates are stored, or when a step makes the residual ``restart_factor`` times worse than the best
+    so far, the approximation is reset to −I (from the best iterate, in the second case). Broyden's
+    residual is not monotone, so the best iterate per sample is returned.
     """
     if memory < 1:
         raise ValueError(f"broyden memory must be >= 1, got {memory}")
@@ -261,7 +263,8 @@ def broyden(
     fz = f(z.reshape(shape))
     tr.nstep += 1
     converged = tr.update(z.reshape(shape), fz)
-    g = (fz.reshape(bsz, -1) - z)
+    g = fz.reshape(bsz, -1) - z
+    best = tr.abs_trace[-1]
     while not converged and tr.nstep < max_iter:
         dz = -apply_h(g)
         z_new = z + dz
@@ -269,17 +272,26 @@ def broyden(
         tr.nstep += 1
         converged = tr.update(z_new.reshape(shape), fz)
         g_new = fz.reshape(bsz, -1) - z_new
+        if tr.abs_trace[-1] > restart_factor * best or len(us) >= memory:
+            us.clear()
+            vs.clear()
+            if tr.abs_trace[-1] > restart_factor * best:  # a bad step: go back to the best iterate
+                assert tr.best_z is not None
+                z_new = tr.best_z.reshape(bsz, -1)
+                fz = f(z_new.reshape(shape))
+                tr.nstep += 1
+                converged = tr.update(z_new.reshape(shape), fz)
+                g_new = fz.reshape(bsz, -1) - z_new
+            z, g = z_new, g_new
+            best = min(best, tr.abs_trace[-1])
+            continue
+        best = min(best, tr.abs_trace[-1])
         dg = g_new - g
         h_dg = apply_h(dg)
         denom = (dz * h_dg).sum(dim=1, keepdim=True)
         safe = denom.abs() > 1e-30
-        u = torch.where(safe, (dz - h_dg) / torch.where(safe, denom, torch.ones_like(denom)), torch.zeros_like(dz))
-        v = apply_ht(dz)
-        us.append(u)
-        vs.append(v)
-        if len(us) > memory:
-            us.pop(0)
-            vs.pop(0)
+        us.append(torch.where(safe, (dz - h_dg) / torch.where(safe, denom, torch.ones_like(denom)), torch.zeros_like(dz)))
+        vs.append(apply_ht(dz))
         z, g = z_new, g_new
     return tr.finish(converged)
 
