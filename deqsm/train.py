@@ -1,0 +1,290 @@
+"""One training loop for every experiment: ``fit(model, objective, train, val, settings, callbacks)``.
+
+It knows nothing of Ray or MLflow: per-step and per-evaluation metrics go to callbacks, which the
+pipeline turns into Ray Tune reports and MLflow metrics. What it does:
+
+- optimiser and learning-rate schedule from :class:`TrainSettings`, gradient clipping, seeds;
+- evaluation every ``eval_every`` steps on the validation set, early stopping on its loss, and the
+  best weights restored at the end;
+- per-step metrics: the loss and its terms, the DEQ solver stats (steps, residuals), step time and the
+  memory of the step (:mod:`deqsm.metrics.memory`);
+- checkpoints (atomic writes; resumed with ``torch.load(weights_only=True)``);
+- a clear error for a non-finite loss or a DEQ solver that keeps failing to converge.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from deqsm.deq import DEQ
+from deqsm.losses import LossOutput
+from deqsm.metrics.memory import measure_step
+from deqsm.registry import Registry
+
+Tensor = torch.Tensor
+Objective = Callable[[nn.Module, Tensor], LossOutput]
+
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
+OPTIMIZERS.register("adam")(torch.optim.Adam)
+OPTIMIZERS.register("adamw")(torch.optim.AdamW)
+OPTIMIZERS.register("sgd")(torch.optim.SGD)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, a solver that keeps failing); the message says why."""
+
+
+class TrainSettings(BaseModel):
+    """The ``train`` section of params.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(1000, ge=1, description="optimisation steps")
+    batch_size: int = Field(128, ge=1)
+    optimizer: str = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float | None = Field(10.0, gt=0, description="max global gradient norm; null: no clipping")
+    eval_every: int = Field(100, ge=1)
+    eval_batches: int = Field(4, ge=1, description="validation batches per evaluation")
+    patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints (default: eval_every)")
+    max_nonconverged_steps: int | None = Field(
+        None, ge=1, description="consecutive steps whose DEQ solve missed tol before training stops")
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+
+class Callback:
+    """Receives metrics as training runs; override what you need."""
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+
+
+@dataclass
+class FitResult:
+    steps: int
+    best_val_loss: float
+    best_step: int
+    stopped_early: bool
+    step_ms_median: float
+    peak_bytes: int
+    memory_kind: str
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per evaluation
+
+    def summary(self) -> dict[str, float | str]:
+        return {
+            "steps": float(self.steps), "best_val_loss": self.best_val_loss, "best_step": float(self.best_step),
+            "stopped_early": float(self.stopped_early), "step_ms_median": self.step_ms_median,
+            "peak_bytes": float(self.peak_bytes), "memory_kind": self.memory_kind,
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def deq_stats(model: nn.Module) -> dict[str, float]:
+    """Solver metrics of every DEQ layer in ``model`` after its last forward (prefix per layer when several)."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, DEQ) and m.last_stats is not None]
+    out: dict[str, float] = {}
+    for name, m in layers:
+        prefix = "solver" if len(layers) == 1 else f"solver.{name}"
+        out.update(m.last_stats.summary(prefix))
+    return out
+
+
+def evaluate(model: nn.Module, objective: Objective, data: Tensor, batch_size: int, max_batches: int | None = None) -> dict[str, float]:
+    """Mean loss and terms over ``data`` (gradients w.r.t. x are still taken: score losses need them)."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    n = 0
+    for i, start in enumerate(range(0, data.shape[0], batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = data[start:start + batch_size]
+        out = objective(model, batch)
+        for k, v in out.scalars().items():
+            totals[k] = totals.get(k, 0.0) + v * batch.shape[0]
+        n += batch.shape[0]
+    model.train(was_training)
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path | str) -> dict:
+    """Load a training checkpoint safely (tensors and plain containers only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 — re-raised with the file's name
+        raise TrainingError(f"cannot load checkpoint {path}: {err}") from err
+
+
+def fit(
+    model: nn.Module,
+    objective: Objective,
+    train: Tensor,
+    val: Tensor | None,
+    settings: TrainSettings,
+    callbacks: list[Callback] | None = None,
+    checkpoint_dir: Path | str | None = None,
+) -> FitResult:
+    """Train ``model`` to minimise ``objective(model, batch).loss`` on ``train`` (rows are samples).
+
+    With ``checkpoint_dir``, the state is saved there every ``checkpoint_every`` steps (``last.pt``) and
+    training resumes from it when it exists. Early stopping watches the validation loss.
+    """
+    callbacks = callbacks or []
+    device = resolve_device(settings.device)
+    torch.manual_seed(settings.seed)
+    model.to(device)
+    train = train.to(device)
+    val = val.to(device) if val is not None else None
+    if train.shape[0] == 0:
+        raise TrainingError("the training set is empty")
+    opt = OPTIMIZERS.get(settings.optimizer)(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.steps)
+             if settings.schedule == "cosine" else None)
+    gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+    ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
+    ckpt_every = settings.checkpoint_every or settings.eval_every
+
+    step = 0
+    perm = torch.randperm(train.shape[0], generator=gen)
+    cursor = 0
+    best_val, best_step, best_state = math.inf, 0, None
+    history: list[dict[str, float]] = []
+    evals_without_improvement = 0
+    if ckpt_path is not None and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and "scheduler" in state:
+            sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step, best_val, best_step = int(state["step"]), float(state["best_val"]), int(state["best_step"])
+        best_state = state.get("best_model")
+        history = list(state.get("history", []))
+        evals_without_improvement = int(state.get("evals_without_improvement", 0))
+        perm, cursor = state["perm"], int(state["cursor"])
+
+    def save_checkpoint() -> None:
+        if ckpt_path is None:
+            return
+        _atomic_save({
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            **({"scheduler": sched.state_dict()} if sched is not None else {}),
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
+            "best_val": best_val, "best_step": best_step, "best_model": best_state, "history": history,
+            "evals_without_improvement": evals_without_improvement, "perm": perm, "cursor": cursor,
+        }, ckpt_path)
+        for cb in callbacks:
+            cb.on_checkpoint(step, ckpt_path)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    step_times: list[float] = []
+    peak, memory_kind = 0, "autograd_saved_bytes"
+    nonconverged_run = 0
+    stopped_early = False
+    bar = None
+    if settings.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=settings.steps, initial=step, desc="train", dynamic_ncols=True, leave=False)
+    model.train()
+    try:
+        while step < settings.steps:
+            if cursor + settings.batch_size > train.shape[0]:
+                perm, cursor = torch.randperm(train.shape[0], generator=gen), 0
+            idx = perm[cursor:cursor + settings.batch_size].to(device)
+            cursor += settings.batch_size
+            batch = train[idx]
+            opt.zero_grad(set_to_none=True)
+            holder: dict[str, LossOutput] = {}
+
+            def closure() -> Tensor:
+                holder["out"] = objective(model, batch)
+                return holder["out"].loss
+
+            loss, mem = measure_step(closure, params, device)
+            out = holder["out"]
+            if not bool(torch.isfinite(loss)):
+                raise TrainingError(f"non-finite loss ({float(loss)}) at step {step + 1}; terms: "
+                                    f"{ {k: round(v, 6) for k, v in out.scalars().items()} }")
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, settings.grad_clip) if settings.grad_clip
+                         else torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
+            if not bool(torch.isfinite(torch.as_tensor(grad_norm))):
+                raise TrainingError(f"non-finite gradient norm at step {step + 1} (loss {float(loss):.4g})")
+            opt.step()
+            if sched is not None:
+                sched.step()
+            step += 1
+            step_times.append(mem.step_seconds)
+            peak, memory_kind = max(peak, mem.peak_bytes), mem.memory_kind
+            metrics = {**{f"train_{k}": v for k, v in out.scalars().items()}, **deq_stats(model),
+                       "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                       "step_ms": 1000 * mem.step_seconds, "peak_bytes": float(mem.peak_bytes)}
+            if settings.max_nonconverged_steps is not None and "solver_converged" in metrics:
+                nonconverged_run = 0 if metrics["solver_converged"] else nonconverged_run + 1
+                if nonconverged_run >= settings.max_nonconverged_steps:
+                    raise TrainingError(
+                        f"the DEQ solver missed its tolerance for {nonconverged_run} consecutive steps "
+                        f"(last residual {metrics['solver_abs_residual_max']:.3g} after "
+                        f"{int(metrics['solver_nstep'])} iterations) at step {step}")
+            for cb in callbacks:
+                cb.on_step(step, metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.4g}", nstep=int(metrics.get("solver_nstep", 0)))
+            if step % settings.eval_every == 0 or step == settings.steps:
+                data = val if val is not None else train
+                ev = {f"val_{k}": v for k, v in evaluate(model, objective, data, settings.batch_size,
+                                                         settings.eval_batches).items()}
+                ev["step"] = float(step)
+                history.append(ev)
+                if ev["val_loss"] < best_val:
+                    best_val, best_step, evals_without_improvement = ev["val_loss"], step, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    evals_without_improvement += 1
+                for cb in callbacks:
+                    cb.on_eval(step, ev)
+                if settings.patience is not None and evals_without_improvement >= settings.patience:
+                    stopped_early = True
+            if step % ckpt_every == 0 or stopped_early or step == settings.steps:
+                save_checkpoint()
+            if stopped_early:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    warm = step_times[1:] or step_times
+    return FitResult(step, best_val, best_step, stopped_early, 1000 * statistics.median(warm) if warm else 0.0,
+                     peak, memory_kind, history)
