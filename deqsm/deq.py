@@ -291,6 +291,15 @@ class DEQ(nn.Module):
         self.last_stats: SolverStats | None = None
         self.backward_stats: list[SolverStats] = []
 
+    def set_backward(self, backward: str, k: int | None = None) -> None:
+        """Switch the backward mode (and phantom steps) of a built layer, e.g. to compare gradients."""
+        self.backward_mode = BACKWARDS.get(backward)
+        self.backward = backward
+        if k is not None:
+            if k < 1:
+                raise ValueError(f"phantom steps k must be >= 1, got {k}")
+            self.k = k
+
     def forward(self, x: Tensor, z0: Tensor) -> Tensor:
         if not torch.is_tensor(x) or not torch.is_tensor(z0):
             raise TypeError("DEQ expects tensors x and z0")
