@@ -307,6 +307,11 @@ class DEQ(nn.Module):
             raise ValueError(f"batch sizes differ: x has {x.shape[0]}, z0 has {z0.shape[0]}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("DEQ input contains NaN or Inf values")
+        # Weights written through ``.data`` (gradcheck's perturbations) keep their version counter, so a
+        # normalisation cached by an earlier forward could be stale: cache within one forward only.
+        for m in self.cell.modules():
+            if isinstance(m, NormalizedLinear):
+                m._cached = None
         params = {n: p for n, p in self.cell.named_parameters() if p.requires_grad}
         z, stats = self.backward_mode(self, x, z0, params)
         self.last_stats = stats
