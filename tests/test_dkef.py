@@ -1,0 +1,136 @@
+"""DKEF: the closed-form α systems are the losses' exact quadratics, CP matches exact SM in expectation,
+importance-sampled log Z agrees with numerical integration, finalise solves α, and a short fit recovers a
+Gaussian's density."""
+import math
+
+import pytest
+import torch
+
+from deqsm.config import DEQSettings
+from deqsm.losses import get_loss
+from deqsm.metrics.density import importance_log_normaliser
+from deqsm.models.dkef import ALPHA_SYSTEMS, DKEFObjective, build_dkef
+from deqsm.train import TrainSettings, fit
+
+EXACT_DEQ = DEQSettings(tol=1e-12, max_iter=300)
+
+
+def tiny(variant="explicit", dim=3, n_inducing=4, seed=0, **kw):
+    torch.manual_seed(seed)
+    train = torch.randn(40, dim)
+    return build_dkef(dim, variant=variant, width=6, depth=2, deq=EXACT_DEQ, train=train, n_inducing=n_inducing, **kw), train
+
+
+LOSS_CASES = [("sm", {}), ("ssm", {"n_particles": 2}), ("ssm_vr", {"noise": "gaussian"}), ("dsm", {"sigma": 0.3}),
+              ("dsm", {"sigmas": [0.1, 0.5, 1.0]})]
+
+
+@pytest.mark.parametrize("variant", ["explicit", "deq"])
+@pytest.mark.parametrize("loss,opts", LOSS_CASES)
+def test_alpha_system_is_the_loss_quadratic_in_alpha(float64, variant, loss, opts):
+    """L(α) − L(0) = bᵀα + ½αᵀGα exactly, with the loss's own random draws (same generator seed)."""
+    model, x = tiny(variant)
+
+    def with_gen(seed=1):
+        return {**opts, **({"generator": torch.Generator().manual_seed(seed)} if loss != "sm" else {})}
+
+    def L(alpha):
+        return float(get_loss(loss, **with_gen())(model.with_alpha(alpha), x[:10]).loss.detach())
+
+    G, b = (t.detach() for t in model.alpha_system(x[:10], loss, with_gen()))
+    assert torch.allclose(G, G.t())
+    a = torch.randn(4)
+    assert L(a) - L(torch.zeros(4)) == pytest.approx(float(b @ a + 0.5 * a @ G @ a), abs=1e-10)
+
+
+def test_every_score_loss_has_an_alpha_system():
+    assert set(ALPHA_SYSTEMS.names()) == {"sm", "ssm", "ssm_vr", "dsm", "cp"}
+
+
+@pytest.mark.parametrize("variant", ["explicit", "deq"])
+def test_layered_energy_matches_and_cp_estimates_the_sm_loss(float64, variant):
+    model, x = tiny(variant)
+    model.alpha.copy_(torch.randn(4))
+    xb = x[:5]
+    energy, pre, post = model.energy_layers(xb)
+    assert torch.allclose(energy, model(xb), atol=1e-12)
+    sm = float(get_loss("sm")(model, xb).loss.detach())
+    cp = float(get_loss("cp", n_particles=800, generator=torch.Generator().manual_seed(0))(model, xb).loss.detach())
+    assert cp == pytest.approx(sm, abs=0.1 * (1 + abs(sm)))
+
+
+def _grid_log_z(model, lim, n, dim):
+    axis = torch.linspace(-lim, lim, n)
+    pts = torch.cartesian_prod(*([axis] * dim)).view(-1, dim) if dim > 1 else axis[:, None]
+    with torch.no_grad():
+        vals = torch.exp(model.log_unnormalised(pts)).view(*([n] * dim))
+    for _ in range(dim):
+        vals = torch.trapezoid(vals, axis, dim=0)
+    return math.log(float(vals))
+
+
+@pytest.mark.parametrize("dim,lim,n", [(1, 16.0, 4001), (2, 14.0, 301)])
+def test_importance_sampled_log_z_agrees_with_numerical_integration(float64, dim, lim, n):
+    model, _ = tiny("explicit", dim=dim, n_inducing=5, seed=dim, q0_scale=1.5)
+    model.alpha.copy_(torch.tensor([1.5, -1.0, 2.0, 0.5, -0.8]))
+    exact = _grid_log_z(model, lim, n, dim)
+    assert abs(exact) > 0.05  # the kernels move log Z away from q0's 0
+    est = importance_log_normaliser(model.log_unnormalised, dim, n_samples=40_000, scale=2.0, batch_size=7000,
+                                    generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert 0 < est.se < 0.05
+    assert abs(est.log_z - exact) < 4 * est.se + 1e-3
+
+
+def test_importance_sampling_of_a_gaussian_has_zero_error_when_proposal_is_exact(float64):
+    log_q = lambda x: -0.5 * (x / 2).pow(2).sum(1) - 2 * math.log(2) - math.log(2 * math.pi)  # noqa: E731
+    est = importance_log_normaliser(lambda x: log_q(x) + 3.0, 2, n_samples=1000, batch_size=300)
+    assert est.log_z == pytest.approx(3.0, abs=1e-9) and est.se < 1e-9 and est.ess == pytest.approx(1000)
+
+
+def test_finalise_solves_the_accumulated_system(float64):
+    model, x = tiny("explicit")
+    model.fit_alpha(x, "sm", batch_size=7)  # uneven batches: G and b are weighted by rows
+    G, b = model.alpha_system(x, "sm")
+    lam = 10 ** float(model.log10_lambda.detach())
+    residual = (G + lam * torch.eye(4)) @ model.alpha + b
+    assert float(residual.abs().max()) < 1e-8
+    sm = lambda a: float(get_loss("sm")(model.with_alpha(a), x).loss.detach())  # noqa: E731
+    assert sm(model.alpha) < sm(torch.zeros(4))
+
+
+def test_objective_splits_training_batches_and_refits_alpha_for_evaluation():
+    model, x = tiny("explicit")
+    objective = DKEFObjective("ssm", {}, x)
+    model.train()
+    out = objective(model, x[:8])
+    out.loss.backward()
+    assert model.log10_lambda.grad is not None and model.z.grad is not None  # gradients through the solve
+    with pytest.raises(ValueError, match=">= 2 rows"):
+        objective(model, x[:1])
+    model.eval()
+    assert float(model.alpha.abs().sum()) == 0
+    objective(model, x[:8])
+    fitted = model.alpha.clone()
+    assert float(fitted.abs().sum()) > 0
+    objective(model, x[:8])  # weights unchanged: no refit
+    assert torch.equal(model.alpha, fitted)
+    with pytest.raises(ValueError, match="cannot be trained by 'mle'"):
+        DKEFObjective("mle", {}, x)
+
+
+def test_short_fit_recovers_a_gaussian_density():
+    torch.manual_seed(0)
+    mean, chol = torch.tensor([0.5, -0.3]), torch.tensor([[1.0, 0.0], [0.6, 0.5]])
+    true = torch.distributions.MultivariateNormal(mean, scale_tril=chol)
+    data = true.sample((1600,))
+    train, val, test = data[:1000], data[1000:1200], data[1200:]
+    model = build_dkef(2, variant="explicit", width=16, depth=2, deq=DEQSettings(), train=train, n_inducing=20)
+    objective = DKEFObjective("sm", {}, train)
+    fit(model, objective, train, val, TrainSettings(steps=150, batch_size=100, lr=1e-2, eval_every=50, progress=False))
+    model.fit_alpha(train, "sm")
+    est = importance_log_normaliser(lambda x: -model(x), 2, n_samples=20_000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loglik = float((-model(test)).mean()) - est.log_z
+    true_loglik = float(true.log_prob(test).mean())
+    assert est.se < 0.02
+    assert abs(loglik - true_loglik) < 0.15, (loglik, true_loglik)
