@@ -9,7 +9,8 @@ export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run repro test test-fast bench gpu-check ui clean
+MLFLOW_PORT ?= 5000
 
 setup: $(STAMP)
 
@@ -20,12 +21,28 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[pipeline,dev]"
 	touch $(STAMP)
 
-run: setup bench
+# The main job: the whole DVC pipeline (prepare → tune → train → evaluate → report) from params.yaml.
+run: setup repro
+
+repro: setup
+	test -d .dvc || dvc init --quiet $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
+	dvc config core.analytics false
+	dvc config core.site_cache_dir .dvc/site-cache
+	dvc repro
+	@echo "results: results/REPORT.md — browse runs with: make ui"
 
 bench: setup
 	mkdir -p out/benchmarks
 	$(PY) benchmarks/solvers.py | tee out/benchmarks/solvers.jsonl
 	$(PY) benchmarks/memory_depth.py | tee out/benchmarks/memory_depth.jsonl
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+# MLflow UI on 127.0.0.1 only; prints each experiment's runs page (the UI opens on a GenAI overview).
+ui: setup
+	@$(PY) -c "from pipelines.settings import load_params; from pipelines.tracking import Tracker; s = load_params(); t = Tracker(s.tracking_uri()); [print(t.run_url(s.tracking.experiment_prefix + e, $(MLFLOW_PORT))) for e in s.experiments]"
+	mlflow ui --backend-store-uri $$($(PY) -c "from pipelines.settings import load_params; print(load_params().tracking_uri())") --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 test: setup
 	$(PY) -m pytest

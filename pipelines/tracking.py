@@ -24,14 +24,15 @@ MAX_PARAM_LEN = 6000
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def provenance_tags(device: str | None = None) -> dict[str, str]:
+def provenance_tags(device: str | None = None, root: Path = ROOT) -> dict[str, str]:
+    """Tags every run carries: the git commit and dvc.lock hash of the project at ``root``, the device."""
     tags = {}
     try:
-        tags["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+        tags["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                             text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         tags["git_commit"] = "unknown"
-    lock = ROOT / "dvc.lock"
+    lock = Path(root) / "dvc.lock"
     tags["dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else "none"
     if device:
         tags["device"] = device
@@ -43,6 +44,8 @@ class Tracker:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
+        if uri.startswith("sqlite:///"):  # a new store: its folder must exist
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=uri)
 
@@ -55,7 +58,10 @@ class Tracker:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
-        return self.client.create_experiment(name)
+        artifacts = None
+        if self.uri.startswith("sqlite:///"):  # artifacts beside the database, not in the caller's cwd
+            artifacts = (Path(self.uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / name).as_uri()
+        return self.client.create_experiment(name, artifact_location=artifacts)
 
     def start_run(self, experiment: str, name: str, params: dict[str, Any] | None = None,
                   tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:

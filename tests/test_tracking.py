@@ -1,4 +1,5 @@
 """MLflow tracking against a real `mlflow server` on 127.0.0.1 (SQLite store), stopped by its PID."""
+import json
 import os
 import signal
 import socket
@@ -70,3 +71,43 @@ def test_nested_runs_params_metrics_and_failure(mlflow_server, tmp_path):
     assert runs["explicit-0"].data.tags["failure_reason"].startswith("TrainingError: non-finite")
     assert [a.path for a in tracker.client.list_artifacts(child)] == ["curve.csv"]
     assert tracker.run_url("nice-test").startswith("http://127.0.0.1:")
+
+
+@pytest.mark.slow
+def test_tiny_tune_against_the_server_compares_deq_with_explicit(mlflow_server, tmp_path):
+    """The tune stage logs to a real MLflow server; search_runs reads the trials back for a DEQ-vs-explicit
+    comparison (what a user does in the UI's compare view)."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from pipeline_project import tiny_params
+    from pipelines.tune import main as tune_main
+
+    params = tiny_params(**{"tracking.uri": mlflow_server, "tracking.experiment_prefix": "srv-"})
+    params["experiments"] = {"dkef-mixture": params["experiments"]["dkef-mixture"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    from deqsm.data import prepare_datasets
+    from pipelines.settings import load_params
+
+    settings = load_params(tmp_path / "params.yaml")
+    prepare_datasets(settings.data, tmp_path, ["mixture"])
+    tune_main(["--params", str(tmp_path / "params.yaml")])
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("srv-dkef-mixture")
+    trials = client.search_runs([exp.experiment_id], "tags.stage = 'tune' and attributes.status = 'FINISHED'",
+                                order_by=["metrics.val_loss ASC"])
+    trials = [r for r in trials if "ray_trial_id" in r.data.tags]
+    assert len(trials) == 4
+    by_variant = {}
+    for r in trials:
+        by_variant.setdefault(r.data.tags["variant"], []).append(r)
+    assert set(by_variant) == {"deq", "explicit-2"}
+    for variant, runs in by_variant.items():
+        assert len(runs) == 2 and {r.data.params["train.lr"] for r in runs} == {"0.001", "0.003"}
+        for r in runs:
+            assert r.data.metrics["peak_bytes"] > 0 and r.data.metrics["step_ms_median"] > 0
+    assert "solver_nstep_mean" in by_variant["deq"][0].data.metrics
+    assert "solver_nstep_mean" not in by_variant["explicit-2"][0].data.metrics
+    best = json.loads((tmp_path / "out" / "tune" / "dkef-mixture" / "best.json").read_text())
+    assert best["best"]["deq"]["metrics"]["val_loss"] == min(r.data.metrics["val_loss"] for r in by_variant["deq"])

@@ -1,0 +1,84 @@
+"""DVC stage `evaluate`: test metrics of every trained variant of one experiment (log-likelihood, its
+standard error, SSM/SM test losses, bits/dim, ...) with the cost figures of its training (peak memory,
+time per step, parameters, solver steps), into ``<results>/experiments/<experiment>/metrics.json`` and MLflow.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from pipelines.settings import ParamsError, Settings, load_params, main_guard
+from pipelines.tune import load_experiment_splits
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--experiment", required=True)
+    return p.parse_args(argv)
+
+
+def load_model(path: Path, train: torch.Tensor):
+    """Rebuild a saved variant: its spec builds the architecture, the weights load with weights_only."""
+    from deqsm.experiments import ExperimentSpec, build
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 — re-raised naming the file
+        raise ValueError(f"cannot load model file {path}: {err}") from err
+    spec = ExperimentSpec(**saved["spec"])
+    model, _ = build(spec, train)
+    model.load_state_dict(saved["state_dict"])
+    return spec, model, saved
+
+
+def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
+    from deqsm.experiments import evaluate
+    from pipelines.tracking import Tracker
+
+    model_dir = settings.path(settings.base.out, "models", name)
+    files = sorted(model_dir.glob("*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no trained models in {model_dir}: run the train stage first (dvc repro train@{name})")
+    dataset = settings.experiments[name].dataset
+    splits = load_experiment_splits(settings, dataset)
+    from deqsm.data import true_density
+
+    truth = true_density(settings.path(settings.data.root), dataset)  # generated data: exact score and log p
+    eval_options = {**settings.eval.model_dump(), **settings.experiments[name].eval_options}
+    tracker = Tracker(settings.tracking_uri())
+    results: dict[str, dict] = {}
+    for path in files:
+        variant = path.stem
+        spec, model, saved = load_model(path, splits["train"])
+        torch.manual_seed(settings.base.seed)
+        metrics = {k: v for k, v in evaluate(spec, model, splits, eval_options, truth).items()}
+        metrics.update({f"train_{k}" if k in ("steps", "best_val_loss") else k: v
+                        for k, v in saved["fit"].items()})
+        metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        results[variant] = metrics
+        tracker.log_metrics(saved["mlflow_run_id"], {f"test/{k}" if not k.startswith("test") else k: v
+                                                     for k, v in metrics.items() if isinstance(v, (int, float))})
+        print(f"{name}/{variant}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
+                                                if isinstance(v, float) and k.startswith("test")), flush=True)
+    out = settings.experiment_results(name) / "metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, sort_keys=True))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = load_params(args.params)
+    settings.base.apply_threads()
+    if args.experiment not in settings.experiments:
+        raise ParamsError(f"unknown experiment {args.experiment!r}; in params.yaml: {', '.join(settings.experiments)}")
+    evaluate_experiment(settings, args.experiment)
+
+
+if __name__ == "__main__":
+    main_guard(main)

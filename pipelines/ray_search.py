@@ -1,0 +1,253 @@
+"""Ray Tune: every Ray call of the project lives here (Ray renames its APIs often; one place to mend).
+
+- :func:`ray_session` joins the cluster named by ``RAY_ADDRESS`` / ``tune.address``, or starts a local
+  Ray with the configured CPUs/GPUs, and shuts down only what it started.
+- :func:`run_search` runs one pipeline experiment: a grid over its model variants × the search space of
+  params.yaml, each trial calling :func:`deqsm.experiments.run`; data reaches trials once, through the
+  object store (``tune.with_parameters``); trials checkpoint through Ray's API and a crashed trial is
+  retried from its last checkpoint (``FailureConfig``); an interrupted search with the same
+  configuration is resumed rather than restarted.
+- :class:`MlflowTrialLogger` logs each trial from the driver as one MLflow run nested under the stage's
+  parent run (a retried trial stays the same run; a failed one ends FAILED with a ``failure_reason``).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Trials checkpoint at each evaluation; short trials do so often, which is expected: no warning per snapshot.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
+
+from pipelines.settings import Settings, SpaceEntry, apply_sample, flatten  # noqa: E402
+from pipelines.tracking import Tracker, provenance_tags  # noqa: E402
+
+
+@contextlib.contextmanager
+def ray_session(settings: Settings) -> Iterator[dict]:
+    """Connect to a cluster (RAY_ADDRESS or tune.address) or start a local Ray; yields its resources."""
+    address = os.environ.get("RAY_ADDRESS") or settings.tune.address
+    started = not ray.is_initialized()
+    if started:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            # address="local": never attach to a stale cluster file left by an earlier `ray stop`
+            ray.init(address="local", num_cpus=settings.tune.num_cpus, num_gpus=settings.tune.num_gpus,
+                     include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.cluster_resources()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def to_tune_domain(entry: SpaceEntry):
+    kind = entry.kind
+    value = getattr(entry, kind)
+    if kind == "grid":
+        return tune.grid_search(list(value))
+    if kind == "choice":
+        return tune.choice(list(value))
+    if kind == "uniform":
+        return tune.uniform(*value)
+    if kind == "loguniform":
+        return tune.loguniform(*value)
+    return tune.randint(*value)
+
+
+def _key(dotted: str) -> str:
+    return dotted.replace(".", "__")  # Ray flattens nested configs with "/"; keep keys flat and plain
+
+
+class _TrialReporter:
+    """deqsm.train callbacks → tune.report: each checkpoint goes to Ray with the latest metrics."""
+
+    def __init__(self, ckpt_dir: Path) -> None:
+        self.ckpt_dir = ckpt_dir
+        self.latest: dict[str, float] = {}
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.latest.update(metrics)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.latest.update(metrics)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        tune.report({**self.latest, "step": step}, checkpoint=tune.Checkpoint.from_directory(str(self.ckpt_dir)))
+
+
+def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: dict) -> None:
+    """One trial (runs in a Ray worker): train on the train split, select on the validation split. The test
+    split is left to the evaluate stage, so model selection never sees it."""
+    from deqsm.experiments import ExperimentSpec, SolverRecorder, train_model
+    from deqsm.train import TrainSettings
+
+    cfg = apply_sample(base_configs[config["variant_name"]],
+                       {k.replace("__", "."): v for k, v in config.items() if k != "variant_name"})
+    spec = ExperimentSpec(**cfg["spec"])
+    train = TrainSettings(**{**cfg["train"], "progress": False, "checkpoint_every": None})
+    ckpt_dir = Path(tempfile.mkdtemp(prefix="deqsm-trial-"))
+    restored = tune.get_checkpoint()
+    if restored is not None:  # a retried trial resumes from its last checkpoint
+        with restored.as_directory() as d:
+            shutil.copytree(d, ckpt_dir, dirs_exist_ok=True)
+    recorder = SolverRecorder()
+    try:
+        model, fit = train_model(spec, splits, train, callbacks=[_TrialReporter(ckpt_dir), recorder],
+                                 checkpoint_dir=ckpt_dir)
+        summary = {k: v for k, v in fit.summary().items() if isinstance(v, (int, float))}
+        summary["val_loss"] = fit.best_val_loss  # the selection metric: the best validation loss reached
+        summary["params"] = float(sum(p.numel() for p in model.parameters()))
+        # node_id: which Ray node ran the trial (the cluster test checks trials spread over nodes)
+        tune.report({**summary, **recorder.summary(), "final": 1.0,
+                     "node_id": ray.get_runtime_context().get_node_id()})
+    finally:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+class MlflowTrialLogger(tune.Callback):
+    """Driver-side: one MLflow run per trial, nested under ``parent_run_id``."""
+
+    def __init__(self, tracker: Tracker, experiment: str, parent_run_id: str,
+                 base_configs: dict[str, dict], tags: dict[str, str] | None = None) -> None:
+        self.tracker, self.experiment, self.parent = tracker, experiment, parent_run_id
+        self.base_configs = base_configs
+        self.tags = dict(tags or {})
+        self.runs: dict[str, str] = {}
+
+    def _run_id(self, trial) -> str:
+        if trial.trial_id not in self.runs:
+            cfg = apply_sample(self.base_configs[trial.config["variant_name"]],
+                               {k.replace("__", "."): v for k, v in trial.config.items() if k != "variant_name"})
+            params = flatten({k: v for k, v in cfg.items() if k in ("spec", "train", "eval_options")})
+            params["variant_name"] = cfg["variant_name"]
+            params["dataset"] = cfg["dataset"]
+            existing = self.tracker.runs(self.experiment, f"tags.ray_trial_id = '{trial.trial_id}'")
+            if existing:  # a resumed search: keep logging to the trial's run
+                self.runs[trial.trial_id] = existing[0].info.run_id
+            else:
+                self.runs[trial.trial_id] = self.tracker.start_run(
+                    self.experiment, f"{cfg['variant_name']}-{trial.trial_id}", params,
+                    {"ray_trial_id": trial.trial_id, "variant": cfg["variant_name"], "stage": "tune",
+                     **self.tags}, parent_run_id=self.parent)
+        return self.runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_id(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k not in ("time_this_iter_s", "timestamp", "pid", "training_iteration", "time_total_s",
+                                 "iterations_since_restore", "time_since_restore")}
+        self.tracker.log_metrics(self._run_id(trial), metrics, step=int(result.get("step", result.get("training_iteration", 0))))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        run_id = self._run_id(trial)
+        self.tracker.set_tags(run_id, {"retried": str(trial.num_failures), "last_error": _error_text(trial)})
+
+    def _progress(self, trials, trial, outcome: str) -> None:
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + 1
+        sample = ", ".join(f"{k.replace('__', '.')}={v}" for k, v in sorted(trial.config.items()) if k != "variant_name")
+        metric = trial.last_result.get("val_loss") if trial.last_result else None
+        print(f"[{self.experiment} {done}/{len(trials)}] {trial.config['variant_name']} ({sample}) {outcome}"
+              + (f", val_loss={metric:.4g}" if isinstance(metric, float) else ""), flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.tracker.end_run(self._run_id(trial), "FINISHED")
+        self._progress(trials, trial, "finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        reason = _error_text(trial)
+        self.tracker.end_run(self._run_id(trial), "FAILED", failure_reason=reason)
+        self._progress(trials, trial, f"FAILED: {reason.splitlines()[0]}")
+
+
+def _error_text(trial) -> str:
+    try:
+        err = trial.get_error()
+        text = str(err) if err is not None else ""
+    except Exception as e:  # noqa: BLE001 — reading a failed trial's pickled error must not fail the search
+        text = f"(error unreadable: {e})"
+    # The root cause is the last line of the worker's traceback: keep it first.
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[-1] + "\n" + text) if lines else "unknown error"
+
+
+@dataclass
+class SearchOutcome:
+    best: dict[str, dict]        # variant → {"config": trial config, "metrics": last result}
+    failed: dict[str, list[str]]  # variant → failure reasons
+    n_trials: int
+
+
+def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict], splits: dict,
+               tracker: Tracker, parent_run_id: str, storage: Path) -> SearchOutcome:
+    """Tune one experiment: variants × search space; returns the best trial per variant."""
+    ts = settings.tune
+    param_space: dict[str, Any] = {"variant_name": tune.grid_search(sorted(base_configs))}
+    for key, entry in ts.search_space.items():
+        param_space[_key(key)] = to_tune_domain(entry)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, base_configs=base_configs, splits=splits),
+        {"cpu": ts.cpus_per_trial, "gpu": ts.gpus_per_trial})
+    n_evals = max(1, base_configs[next(iter(base_configs))]["train"]["steps"]
+                  // base_configs[next(iter(base_configs))]["train"]["eval_every"])
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=n_evals + 1, grace_period=1)
+                 if ts.scheduler == "asha" else FIFOScheduler())
+    storage.mkdir(parents=True, exist_ok=True)
+    name = experiment
+    run_dir = storage / name
+    fingerprint = hashlib.sha256(json.dumps([base_configs, {k: v.model_dump() for k, v in ts.search_space.items()},
+                                             ts.num_samples, ts.scheduler], sort_keys=True, default=str)
+                                 .encode()).hexdigest()
+    marker = storage / f"{name}.fingerprint"
+    callback = MlflowTrialLogger(tracker, settings.tracking.experiment_prefix + experiment, parent_run_id, base_configs,
+                                 provenance_tags(settings.base.device, settings.root))
+    if (marker.exists() and marker.read_text() == fingerprint and tune.Tuner.can_restore(str(run_dir))):
+        # An interrupted search with the same configuration: finish it instead of starting over.
+        tuner = tune.Tuner.restore(str(run_dir), trainable=trainable, resume_errored=True, param_space=param_space)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        marker.write_text(fingerprint)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(metric=ts.metric, mode=ts.mode, num_samples=ts.num_samples,
+                                        scheduler=scheduler, max_concurrent_trials=ts.max_concurrent),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(storage.resolve()), callbacks=[callback],
+                failure_config=tune.FailureConfig(max_failures=ts.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                verbose=0),  # progress: one line per finished trial (MlflowTrialLogger)
+        )
+    grid = tuner.fit()
+    best: dict[str, dict] = {}
+    failed: dict[str, list[str]] = {}
+    for result in grid:
+        variant = result.config["variant_name"]
+        if result.error is not None or not result.metrics or ts.metric not in result.metrics:
+            failed.setdefault(variant, []).append(str(result.error).strip().splitlines()[-1] if result.error
+                                                  else f"no {ts.metric} reported")
+            continue
+        value = result.metrics[ts.metric]
+        prev = best.get(variant)
+        better = prev is None or (value < prev["metrics"][ts.metric] if ts.mode == "min"
+                                  else value > prev["metrics"][ts.metric])
+        if better:
+            sample = {k.replace("__", "."): v for k, v in result.config.items() if k != "variant_name"}
+            best[variant] = {"config": apply_sample(base_configs[variant], sample), "sample": sample,
+                             "metrics": {k: v for k, v in result.metrics.items()
+                                         if isinstance(v, (int, float, str)) and k != "config"}}
+    return SearchOutcome(best, failed, len(grid))

@@ -1,0 +1,290 @@
+"""params.yaml, parsed once into typed, validated settings.
+
+Every section forbids unknown keys, so a typo is an error that names the key; bad values name the key,
+the value and what is allowed. Each DVC stage reads only its sections (and dvc.yaml lists exactly those).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from deqsm.config import DEQSettings, LossSettings
+from deqsm.data.settings import DataSettings
+from deqsm.train import TrainSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseSettings(Strict):
+    seed: int = 0
+    device: str = Field("auto", description="auto (CUDA when present) | cpu | cuda")
+    out: str = Field("out", description="folder for intermediate outputs (Ray results, checkpoints)")
+    results: str = Field("results", description="folder for metrics, tables and figures")
+    threads: int | None = Field(1, ge=1, description="torch CPU threads of a stage process (null: torch's default)")
+
+    def apply_threads(self) -> None:
+        """Small models on a shared CPU run fastest single-threaded (and oversubscribed threads spin)."""
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
+
+
+class VariantSettings(Strict):
+    """One model variant of an experiment (a row of the paper's tables)."""
+
+    variant: Literal["deq", "explicit"]
+    depth: int = Field(2, ge=1)
+    width: int | None = Field(None, ge=1, description="overrides the experiment's width")
+
+
+class ExperimentSettings(Strict):
+    """One experiment: a dataset, a model family, a loss, and the variants compared."""
+
+    dataset: str
+    model: str
+    width: int = Field(64, ge=1)
+    model_options: dict[str, Any] = Field(default_factory=dict)
+    loss: LossSettings = Field(default_factory=LossSettings)
+    variants: dict[str, VariantSettings]
+    eval_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("variants")
+    @classmethod
+    def _non_empty(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("an experiment needs at least one variant")
+        return v
+
+
+class SpaceEntry(Strict):
+    """One search dimension: exactly one of grid / choice / uniform / loguniform / randint."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SpaceEntry":
+        given = [k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a search dimension needs exactly one of grid, choice, uniform, loguniform, "
+                             f"randint; got {given or 'none'}")
+        values = getattr(self, given[0])
+        if given[0] in ("grid", "choice") and not values:
+            raise ValueError(f"empty {given[0]} list")
+        if given[0] in ("uniform", "loguniform", "randint") and not values[0] < values[1]:
+            raise ValueError(f"{given[0]} bounds must satisfy low < high, got {list(values)}")
+        if given[0] == "loguniform" and values[0] <= 0:
+            raise ValueError(f"loguniform bounds must be positive, got {list(values)}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None)
+
+
+TUNABLE_SECTIONS = ("deq", "train", "loss", "model_options", "width")
+
+
+class TuneSettings(Strict):
+    search_space: dict[str, SpaceEntry] = Field(
+        default_factory=dict, description="dotted key (deq.*, train.*, loss.options.*, model_options.*) → dimension")
+    num_samples: int = Field(1, ge=1)
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    max_concurrent: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0, description="fractional values pack trials on a GPU")
+    steps: int = Field(200, ge=1, description="training steps per trial (the train stage uses train.steps)")
+    max_failures: int = Field(2, ge=0, description="retries of a crashed trial, from its last checkpoint")
+    address: str | None = Field(None, description="Ray cluster to join; RAY_ADDRESS overrides; null: local")
+    num_cpus: int | None = Field(2, ge=1, description="CPUs of a local Ray instance")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray instance (null: detect)")
+
+    @field_validator("search_space")
+    @classmethod
+    def _keys(cls, v: dict) -> dict:
+        for key in v:
+            if key.split(".")[0] not in TUNABLE_SECTIONS:
+                raise ValueError(f"search_space key {key!r} must start with one of {', '.join(TUNABLE_SECTIONS)}")
+        return v
+
+
+class EvalSettings(Strict):
+    is_samples: int = Field(100_000, ge=100, description="importance samples for log Z (paper: 10⁶)")
+    batch_size: int = Field(500, ge=1)
+
+
+class TrackingSettings(Strict):
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; relative sqlite paths are from the repo")
+    experiment_prefix: str = ""
+
+
+class Settings(Strict):
+    base: BaseSettings = Field(default_factory=BaseSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    deq: DEQSettings = Field(default_factory=DEQSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    experiments: dict[str, ExperimentSettings] = Field(default_factory=dict)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    _root: Path = PrivateAttr(default=ROOT)  # the folder of params.yaml: relative paths start there
+
+    @model_validator(mode="after")
+    def _datasets_exist(self) -> "Settings":
+        known = set(self.data.dataset_names())
+        for name, exp in self.experiments.items():
+            if exp.dataset not in known:
+                raise ValueError(f"experiments.{name}.dataset {exp.dataset!r} is not prepared by the data section; "
+                                 f"prepared: {', '.join(sorted(known))}")
+        return self
+
+    @property
+    def root(self) -> Path:
+        """The folder of params.yaml (the DVC project): relative paths in the settings start there."""
+        return self._root
+
+    def tracking_uri(self) -> str:
+        uri = self.tracking.uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            return "sqlite:///" + str(self._root / uri[len("sqlite:///"):])
+        return uri
+
+    def path(self, *parts: str) -> Path:
+        return self._root.joinpath(*parts)
+
+    def experiment_results(self, name: str) -> Path:
+        """``<results>/experiments/<name>``: metrics.json (evaluate) and curves/ (train). Apart from the
+        report's own files in ``<results>``, so the report stage can depend on the whole folder."""
+        return self.path(self.base.results, "experiments", name)
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the key."""
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Settings:
+    """Read and validate params.yaml; ``overrides`` maps dotted keys to values (applied before validation)."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = ROOT / path
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"params file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(f"invalid {path.name}:\n{_format(err)}") from None
+    settings._root = path.resolve().parent
+    return settings
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts → dotted keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def trial_config(settings: Settings, experiment: str, variant: str) -> dict[str, Any]:
+    """The full, plain-data configuration of one variant's trials: the experiment's spec with the deq,
+    train and eval sections (search values are applied on top by :func:`apply_sample`)."""
+    exp = settings.experiments[experiment]
+    var = exp.variants[variant]
+    cfg = {
+        "experiment": experiment,
+        "variant_name": variant,
+        "dataset": exp.dataset,
+        "spec": {
+            "name": f"{experiment}/{variant}",
+            "model": exp.model,
+            "variant": var.variant,
+            "depth": var.depth,
+            "width": var.width or exp.width,
+            "model_options": copy.deepcopy(exp.model_options),
+            "loss": exp.loss.model_dump(),
+            "deq": settings.deq.model_dump(),
+        },
+        "train": settings.train.model_dump(),
+        "eval_options": {**settings.eval.model_dump(), **exp.eval_options},
+    }
+    cfg["train"]["seed"] = settings.base.seed
+    cfg["train"]["device"] = settings.base.device
+    return cfg
+
+
+def apply_sample(cfg: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a trial config with sampled values (dotted keys: train.*, width, deq.*, loss.*, model_options.*)."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in sample.items():
+        section, _, rest = key.partition(".")
+        if section == "train":
+            set_dotted(cfg["train"], rest, value)
+        elif section == "width":
+            cfg["spec"]["width"] = value
+        else:
+            set_dotted(cfg["spec"], key, value)
+    return cfg
+
+
+def main_guard(fn) -> None:
+    """Run a stage's main; a bad-input error becomes one clear line on stderr and exit status 2, an
+    interrupt (Ctrl-C, or SIGINT from DVC) exit status 130 without a traceback."""
+    try:
+        fn()
+    except (ParamsError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs are kept; run `dvc repro` again to continue", file=sys.stderr)
+        sys.exit(130)
+
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -1,0 +1,112 @@
+"""DVC stage `train`: retrain the best configuration of every variant found by `tune`, with the full
+``train.steps``, and save the model (``<out>/models/<experiment>/<variant>.pt``) with its training curve
+(``<results>/experiments/<experiment>/curves/<variant>.csv``). Each variant is one MLflow run (stage=train).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines.settings import ParamsError, Settings, load_params, main_guard, flatten
+from pipelines.tune import load_experiment_splits
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--experiment", required=True, help="the experiment of params.yaml to train")
+    return p.parse_args(argv)
+
+
+class CurveLogger:
+    """deqsm.train callbacks → a CSV curve and MLflow metrics (every ``every`` steps and each evaluation)."""
+
+    def __init__(self, tracker, run_id: str, every: int = 10) -> None:
+        self.tracker, self.run_id, self.every = tracker, run_id, every
+        self.rows: list[dict[str, float]] = []
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        if step % self.every == 0 or step == 1:
+            self.rows.append({"step": step, **metrics})
+            self.tracker.log_metrics(self.run_id, metrics, step=step)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.rows.append({"step": step, **metrics})
+        self.tracker.log_metrics(self.run_id, metrics, step=step)
+
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = sorted({k for r in self.rows for k in r}, key=lambda k: (k != "step", k))
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+
+
+def train_experiment(settings: Settings, name: str) -> None:
+    from deqsm.experiments import ExperimentSpec, SolverRecorder, train_model
+    from deqsm.train import TrainSettings
+    from pipelines.tracking import Tracker, provenance_tags
+
+    best_file = settings.path(settings.base.out, "tune", name, "best.json")
+    if not best_file.exists():
+        raise FileNotFoundError(f"{best_file} is missing: run the tune stage first (dvc repro tune@{name})")
+    best = json.loads(best_file.read_text())["best"]
+    splits = load_experiment_splits(settings, settings.experiments[name].dataset)
+    tracker = Tracker(settings.tracking_uri())
+    mlflow_exp = settings.tracking.experiment_prefix + name
+    parent = tracker.start_run(mlflow_exp, f"train-{time.strftime('%Y%m%d-%H%M%S')}", {},
+                               {"stage": "train", **provenance_tags(settings.base.device, settings.root)})
+    model_dir = settings.path(settings.base.out, "models", name)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for variant, entry in sorted(best.items()):
+        cfg = entry["config"]
+        train_cfg = {**cfg["train"], "steps": settings.train.steps}  # the full budget, not tune.steps
+        spec = ExperimentSpec(**cfg["spec"])
+        run_id = tracker.start_run(mlflow_exp, f"{variant}", flatten({"spec": cfg["spec"], "train": train_cfg}),
+                                   {"stage": "train", "variant": variant, **provenance_tags(settings.base.device, settings.root)},
+                                   parent_run_id=parent)
+        curve = CurveLogger(tracker, run_id)
+        solver = SolverRecorder()
+        print(f"{name}/{variant}: training {train_cfg['steps']} steps", flush=True)
+        try:
+            model, fit = train_model(spec, splits, TrainSettings(**train_cfg), callbacks=[curve, solver])
+        except BaseException as err:  # an interrupt ends the run KILLED, an error FAILED with its reason
+            interrupted = isinstance(err, KeyboardInterrupt)
+            tracker.end_run(run_id, "KILLED" if interrupted else "FAILED",
+                            failure_reason=None if interrupted else f"{type(err).__name__}: {err}")
+            tracker.end_run(parent, "KILLED" if interrupted else "FAILED")
+            raise
+        n_params = sum(p.numel() for p in model.parameters())
+        summary = {**fit.summary(), **solver.summary(), "params": float(n_params)}
+        tracker.log_metrics(run_id, {k: v for k, v in summary.items() if not isinstance(v, str)}, step=fit.steps)
+        tracker.set_tags(run_id, {"memory_kind": fit.memory_kind})
+        curve_path = settings.experiment_results(name) / "curves" / f"{variant}.csv"
+        curve.write(curve_path)
+        tracker.log_artifact(run_id, curve_path, "curves")
+        tmp = model_dir / f"{variant}.pt.tmp"
+        torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "spec": cfg["spec"],
+                    "train": train_cfg, "fit": summary, "history": fit.history, "mlflow_run_id": run_id}, tmp)
+        tmp.replace(model_dir / f"{variant}.pt")
+        tracker.end_run(run_id, "FINISHED")
+    tracker.end_run(parent, "FINISHED")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = load_params(args.params)
+    settings.base.apply_threads()
+    if args.experiment not in settings.experiments:
+        raise ParamsError(f"unknown experiment {args.experiment!r}; in params.yaml: {', '.join(settings.experiments)}")
+    train_experiment(settings, args.experiment)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,89 @@
+"""DVC stage `tune`: a Ray Tune search per experiment of params.yaml; every trial logged to MLflow.
+
+Writes ``<out>/tune/<experiment>/best.json`` (the best configuration and metrics per model variant), which
+the `train` stage retrains. A failed trial (NaN loss, diverging solver, crash after its retries) is
+reported and logged FAILED to MLflow while the others go on; the stage exits non-zero, with a summary,
+only when an experiment has no finished trial at all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from pipelines.settings import ParamsError, Settings, load_params, main_guard, trial_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipelines.tune", description=__doc__)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--experiment", action="append", help="run only this experiment (repeatable)")
+    return p.parse_args(argv)
+
+
+def load_experiment_splits(settings: Settings, dataset: str) -> dict:
+    from deqsm.data import load_splits
+
+    return load_splits(settings.path(settings.data.root), dataset)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = load_params(args.params)
+    names = args.experiment or list(settings.experiments)
+    unknown = sorted(set(names) - set(settings.experiments))
+    if unknown:
+        raise ParamsError(f"unknown experiment(s) {unknown}; in params.yaml: {', '.join(settings.experiments)}")
+    # Check every input before any work starts (a missing or corrupt dataset fails here).
+    splits = {name: load_experiment_splits(settings, settings.experiments[name].dataset) for name in names}
+
+    from pipelines.ray_search import ray_session, run_search
+    from pipelines.tracking import Tracker, provenance_tags
+
+    tracker = Tracker(settings.tracking_uri())
+    out_dir = settings.path(settings.base.out, "tune")
+    storage = settings.path(settings.base.out, "ray")
+    failures: list[str] = []
+    with ray_session(settings) as resources:
+        print(f"ray: {resources}", flush=True)
+        for name in names:
+            exp = settings.experiments[name]
+            mlflow_exp = settings.tracking.experiment_prefix + name
+            base = {v: trial_config(settings, name, v) for v in exp.variants}
+            for cfg in base.values():
+                cfg["train"]["steps"] = settings.tune.steps
+            parent = tracker.start_run(mlflow_exp, f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                                       {"tune.num_samples": settings.tune.num_samples,
+                                        "tune.scheduler": settings.tune.scheduler,
+                                        "tune.steps": settings.tune.steps,
+                                        **{f"tune.search_space.{k}": v.model_dump(exclude_none=True)
+                                           for k, v in settings.tune.search_space.items()}},
+                                       {"stage": "tune", **provenance_tags(settings.base.device, settings.root)})
+            trial_splits = {k: v for k, v in splits[name].items() if k != "test"}  # test: evaluate stage only
+            outcome = run_search(settings, name, base, trial_splits, tracker, parent, storage)
+            missing = sorted(set(exp.variants) - set(outcome.best))
+            reason = "; ".join(f"{v}: {', '.join(outcome.failed.get(v, ['no result']))}" for v in missing) or None
+            # The stage succeeds while each experiment has a finished trial; variants without one are
+            # reported (and left out of the train stage), an experiment without any fails the stage.
+            tracker.end_run(parent, "FINISHED" if outcome.best else "FAILED", failure_reason=reason)
+            if not outcome.best:
+                failures.append(f"{name}: no trial finished — {reason}")
+            elif missing:
+                print(f"warning: {name}: no finished trial for variant(s) {missing} — {reason}", file=sys.stderr)
+            exp_dir = out_dir / name
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            (exp_dir / "best.json").write_text(json.dumps(
+                {"experiment": name, "parent_run_id": parent, "trials": outcome.n_trials,
+                 "failed": outcome.failed, "best": outcome.best}, indent=2, sort_keys=True, default=str))
+            print(f"{name}: {outcome.n_trials} trials, best per variant: "
+                  + ", ".join(f"{v}={b['metrics'].get(settings.tune.metric):.4g}" for v, b in sorted(outcome.best.items())),
+                  flush=True)
+    if failures:
+        print("tune failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,122 @@
+"""End to end on a copy of the project: real git, real DVC, real Ray (local), real MLflow (SQLite store).
+
+One module-scoped project runs `dvc repro` once; the tests then read what it left and change one thing at
+a time: a second repro is a no-op, an eval param re-runs only evaluation, `dvc exp run -S deq.solver=...`
+re-runs what depends on the DEQ settings and not the data preparation.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pipeline_project import make_project, run, tiny_params
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+EXPERIMENTS = ("dkef-mixture", "nice-digits")
+
+
+def _ran(proc) -> set[str]:
+    """Stage names DVC ran (its 'Running stage ...' lines)."""
+    out = proc.stdout + proc.stderr
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = make_project(tmp_path_factory.mktemp("deqsm-project"), tiny_params())
+    first = run(["dvc", "repro"], root)
+    return root, first
+
+
+def test_repro_runs_every_stage_and_writes_metrics(project):
+    root, first = project
+    ran = _ran(first)
+    assert "prepare" in ran
+    for exp in EXPERIMENTS:
+        assert {f"tune@{exp}", f"train@{exp}", f"evaluate@{exp}"} <= ran
+        metrics = json.loads((root / "results" / "experiments" / exp / "metrics.json").read_text())
+        assert set(metrics) == {"deq", "explicit-2"}
+        for row in metrics.values():
+            assert isinstance(row["test_loglik"], float) and row["peak_bytes"] > 0 and row["step_ms_median"] > 0
+            assert row["params"] > 0
+        assert metrics["deq"]["solver_nstep_mean"] >= 1
+        best = json.loads((root / "out" / "tune" / exp / "best.json").read_text())
+        assert best["trials"] == 4 and set(best["best"]) == {"deq", "explicit-2"}
+        curves = sorted(p.name for p in (root / "results" / "experiments" / exp / "curves").glob("*.csv"))
+        assert curves == ["deq.csv", "explicit-2.csv"]
+    mixture = json.loads((root / "results" / "experiments" / "dkef-mixture" / "metrics.json").read_text())
+    assert "fisher_divergence" in mixture["deq"], "generated data: the true score is known"
+    nice = json.loads((root / "results" / "experiments" / "nice-digits" / "metrics.json").read_text())
+    assert nice["deq"]["test_bpd"] > 0
+    assert "report" in ran
+    report = (root / "results" / "REPORT.md").read_text()
+    for exp in EXPERIMENTS:
+        assert exp in report and (root / "results" / "tables" / f"{exp}.md").exists()
+        assert f"{nice['deq']['test_loglik']:.2f}" in (root / "results" / "tables" / "nice-digits.md").read_text()
+    assert (root / "results" / "figures" / "memory_depth.png").stat().st_size > 1000
+
+
+def test_metrics_show_lists_every_experiment(project):
+    root, _ = project
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], root).stdout)
+    files = {f for ws in shown.values() for f in ws.get("data", {})}
+    assert {f"results/experiments/{e}/metrics.json" for e in EXPERIMENTS} <= files
+
+
+def test_mlflow_holds_one_run_per_trial(project):
+    root, _ = project
+    from pipelines.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{root}/out/mlflow.db")
+    for exp in EXPERIMENTS:
+        runs = tracker.runs(exp)
+        trials = [r for r in runs if r.data.tags.get("stage") == "tune" and "ray_trial_id" in r.data.tags]
+        parents = [r for r in runs if r.data.tags.get("stage") == "tune" and "ray_trial_id" not in r.data.tags]
+        assert len(trials) == 4 and len(parents) == 1
+        for r in trials:
+            assert r.info.status == "FINISHED"
+            assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+            assert {"val_loss", "peak_bytes", "step_ms", "step_ms_median", "train_loss"} <= set(r.data.metrics)
+            assert r.data.params["train.lr"] in ("0.001", "0.003")
+            assert r.data.tags["git_commit"] != "unknown" and r.data.tags["device"]
+        deq_trials = [r for r in trials if r.data.tags["variant"] == "deq"]
+        for r in deq_trials:  # per-step solver metrics (one set per DEQ layer) and their summary
+            assert "solver_nstep_mean" in r.data.metrics
+            assert any(k.startswith("solver") and k.endswith("_nstep") for k in r.data.metrics)
+        assert len(deq_trials) == 2
+        final = [r for r in runs if r.data.tags.get("stage") == "train" and "variant" in r.data.tags]
+        assert sorted(r.data.tags["variant"] for r in final) == ["deq", "explicit-2"]
+        for r in final:
+            assert "test_loglik" in r.data.metrics and "peak_bytes" in r.data.metrics
+            assert [a.path for a in tracker.client.list_artifacts(r.info.run_id)] == ["curves"]
+
+
+def test_second_repro_does_nothing(project):
+    root, _ = project
+    again = run(["dvc", "repro"], root)
+    assert _ran(again) == set()
+    assert "Data and pipelines are up to date" in again.stdout + again.stderr
+
+
+def test_eval_param_reruns_only_evaluation(project):
+    root, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["eval"]["is_samples"] = 3000
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = run(["dvc", "repro"], root)
+    assert _ran(proc) == {f"evaluate@{e}" for e in EXPERIMENTS} | {"report"}
+
+
+def test_exp_run_with_another_solver_skips_data_preparation(project):
+    root, _ = project
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "after first repro"], root)
+    proc = run(["dvc", "exp", "run", "-S", "deq.solver=broyden"], root)
+    ran = _ran(proc)
+    assert "prepare" not in ran
+    assert {f"tune@{e}" for e in EXPERIMENTS} <= ran
+    best = json.loads((root / "out" / "tune" / "nice-digits" / "best.json").read_text())
+    assert best["best"]["deq"]["config"]["spec"]["deq"]["solver"] == "broyden"

@@ -1,0 +1,284 @@
+"""The report stage on a small, fake results tree (the formats the evaluate / train / tune stages write)
+with a real trained DEQ model for the gradient fidelity and a real MLflow SQLite store: tables hold the
+numbers, missing metrics read "—", figures are PNGs, conclusions come from the numbers, artifacts are
+logged, and missing inputs fail with errors that name the file and the stage to run."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from deqsm.data import load_splits, prepare_datasets
+from deqsm.experiments import ExperimentSpec, train_model
+from deqsm.train import TrainSettings
+from pipelines import report
+from pipelines.settings import load_params
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+METRICS = {
+    "deq": {"test_loglik": -2.3456, "test_loglik_se": 0.0123, "test_loglik_sample_se": 0.05, "test_ssm_loss": -0.4321,
+            "test_sm_loss": -0.4, "test_loss": -0.43, "fisher_divergence": 0.071, "params": 624.0,
+            "peak_bytes": 1_780_088.0, "memory_kind": "autograd_saved_bytes", "step_ms_median": 12.34,
+            "solver_nstep_mean": 7.5, "solver_residual_max": 8.6e-6, "train_steps": 3.0, "train_best_val_loss": -0.45,
+            "test_is_ess": 850.0},
+    "explicit-2": {"test_loglik": -2.5, "test_loglik_se": 0.011, "test_ssm_loss": -0.3, "test_sm_loss": -0.31,
+                   "test_loss": -0.3, "fisher_divergence": 0.09, "params": 720.0, "peak_bytes": 2_500_000.0,
+                   "memory_kind": "autograd_saved_bytes", "step_ms_median": 9.87, "train_steps": 3.0,
+                   "train_best_val_loss": -0.33, "test_is_ess": 900.0},
+    # gaps: no standard error, a null bits/dim, no solver stats (explicit), no Fisher divergence
+    "explicit-4": {"test_loglik": -2.4, "test_bpd": None, "test_ssm_loss": -0.35, "params": 1000.0,
+                   "peak_bytes": 4_000_000.0, "memory_kind": "autograd_saved_bytes", "step_ms_median": None,
+                   "train_steps": 3.0},
+}
+# explicit-8 is in params.yaml but has no metrics (its tuning failed)
+BENCH_ROWS = ([{"variant": f"explicit-{d}", "solver_iters": None, "peak_bytes": 1000 * d, "memory_kind": "autograd_saved_bytes",
+                "step_ms": 1.0 * d, "device": "cpu"} for d in (1, 2, 4, 8, 16, 32)]
+              + [{"variant": f"deq-{b}", "solver_iters": it, "peak_bytes": peak * (it if b == "unroll" else 1),
+                  "memory_kind": "autograd_saved_bytes", "step_ms": 0.5 * it, "device": "cpu"}
+                 for b, peak in (("phantom", 2500), ("implicit", 3500), ("unroll", 1000)) for it in (5, 10)])
+
+
+def write_curve(path: Path, deq: bool) -> None:
+    cols = ["step", "train_loss", "step_ms", "val_loss"] + (["solver_nstep", "solver_abs_residual_max"] if deq else [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for step in (1, 2, 3):
+            row = {"step": step, "train_loss": -0.1 * step, "step_ms": 10.0}
+            if deq:
+                row.update(solver_nstep=8 - step, solver_abs_residual_max=10.0 ** (-4 - step))
+            w.writerow(row)
+        w.writerow({"step": 3, "val_loss": -0.35})  # an evaluation row: the other columns blank
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    params = {
+        "base": {"seed": 0, "out": "out", "results": "results"},
+        "data": {"root": "data/prepared", "datasets": {"gaussian": {"dim": 2, "n_train": 200, "n_val": 50, "n_test": 60}}},
+        "deq": {"max_iter": 40, "tol": 1e-5},
+        "train": {"steps": 3},
+        "experiments": {"toy": {
+            "dataset": "gaussian", "model": "dkef", "width": 8, "model_options": {"n_inducing": 5},
+            "loss": {"name": "ssm"},
+            "variants": {"deq": {"variant": "deq"}, "explicit-2": {"variant": "explicit", "depth": 2},
+                         "explicit-4": {"variant": "explicit", "depth": 4},
+                         "explicit-8": {"variant": "explicit", "depth": 8}}}},
+        "tracking": {"uri": "sqlite:///mlflow.db"},  # relative: from the params file's folder
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    settings = load_params(root / "params.yaml")
+    prepare_datasets(settings.data, base=root)
+    splits = load_splits(root / "data/prepared", "gaussian")
+    spec = ExperimentSpec(name="toy/deq", model="dkef", variant="deq", width=8, model_options={"n_inducing": 5},
+                          loss={"name": "ssm"}, deq=settings.deq)
+    model, fit = train_model(spec, splits, TrainSettings(steps=3, batch_size=32, eval_every=3, progress=False))
+    models = root / "out/models/toy"
+    models.mkdir(parents=True)
+    torch.save({"state_dict": model.state_dict(), "spec": spec.model_dump(), "train": {}, "fit": fit.summary(),
+                "history": fit.history, "mlflow_run_id": "none"}, models / "deq.pt")
+    results = root / "results/experiments/toy"
+    results.mkdir(parents=True)
+    (results / "metrics.json").write_text(json.dumps(METRICS))
+    for variant in METRICS:
+        write_curve(results / "curves" / f"{variant}.csv", deq=variant == "deq")
+    (root / "out/tune/toy").mkdir(parents=True)
+    (root / "out/tune/toy/best.json").write_text(json.dumps(
+        {"trials": 5, "failed": {"explicit-8": ["TrainingError: non-finite loss"]},
+         "best": {"deq": {"sample": {"train.lr": 0.001}, "metrics": {"val_loss": -0.45}}}}))
+    (root / "out/benchmarks").mkdir(parents=True)
+    (root / "out/benchmarks/memory_depth.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in BENCH_ROWS) + json.dumps({"summary": {}}) + "\n")
+    return root, settings
+
+
+@pytest.fixture(scope="module")
+def built(tree):
+    """The stage as DVC runs it: the CLI, paths relative to the params file's folder."""
+    root, settings = tree
+    threads = torch.get_num_threads()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(root)  # MLflow's default artifact root (./mlruns) lands in the tree
+            report.main(["--params", str(root / "params.yaml"), "--fidelity-rows", "40"])
+    finally:
+        torch.set_num_threads(threads)  # the stage applies base.threads
+    return root, settings
+
+
+def test_tables_hold_the_numbers_and_dashes_for_missing_metrics(built):
+    root, _ = built
+    md = (root / "results/tables/toy.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in md.splitlines() if line.startswith("| ") and "variant" not in line}
+    deq = rows["deq (DEQ)"]
+    assert "-2.346 ± 0.012" in deq and f"{1_780_088 / 2**20:.3f}" in deq and "12.3" in deq and "624" in deq
+    assert "7.5" in deq and "1.00e-07" in deq and "-0.4321" in deq  # solver steps, final residual, test SSM
+    ex4 = rows["explicit-4 (depth 4)"]
+    assert "-2.400" in ex4  # no standard error: the value alone
+    assert ex4[3] == report.DASH and ex4[5] == report.DASH and ex4[7] == report.DASH  # bpd, ms/step, solver steps
+    assert all(c == report.DASH for c in rows["explicit-8 (depth 8)"][2:])
+    assert "autograd_saved_bytes" in md and "No metrics for explicit-8" in md
+    with open(root / "results/tables/toy.csv") as f:
+        csv_rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert list(csv_rows) == ["deq", "explicit-2", "explicit-4", "explicit-8"]
+    assert float(csv_rows["deq"]["test_loglik"]) == -2.3456 and float(csv_rows["deq"]["test_loglik_se"]) == 0.0123
+    assert csv_rows["explicit-4"]["test_bpd"] == "" and csv_rows["explicit-8"]["status"] == "no metrics"
+    assert csv_rows["deq"]["loss"] == "ssm" and csv_rows["explicit-2"]["depth"] == "2"
+
+
+def test_figures_and_plot_data_exist(built):
+    root, _ = built
+    names = ["memory_depth.png", "memory_iters.png", "training_toy.png", "residual_toy.png", "fidelity.png"]
+    for name in names:
+        data = (root / "results/figures" / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+    with open(root / "results/plots/memory_depth.csv") as f:
+        mem = list(csv.DictReader(f))
+    assert [float(r["depth"]) for r in mem] == [1, 2, 4, 8, 16, 32]
+    assert {float(r["deq_phantom_bytes"]) for r in mem} == {2500.0} and float(mem[-1]["explicit_bytes"]) == 32000
+    with open(root / "results/plots/toy_train_loss.csv") as f:
+        header = next(csv.reader(f))
+    assert header == ["step", "deq", "explicit-2", "explicit-4"]
+    for name in ("memory_iters.csv", "toy_val_loss.csv", "toy_residual.csv", "fidelity_cosine.csv", "memory_depth.jsonl"):
+        assert (root / "results/plots" / name).stat().st_size > 0
+
+
+def test_fidelity_compares_phantom_with_the_exact_gradient(built):
+    root, _ = built
+    fid = json.loads((root / "results/fidelity.json").read_text())
+    assert list(fid) == ["toy"] and list(fid["toy"]) == ["deq"]  # explicit variants have no DEQ layer
+    res = fid["toy"]["deq"]["results"]
+    assert [r["k"] for r in res] == [1, 2, 4, 8] and fid["toy"]["deq"]["rows"] == 40
+    assert all(-1 - 1e-6 <= r["grad_cosine"] <= 1 + 1e-6 and r["grad_rel_error"] >= 0 for r in res)
+    assert all(r["score_rel_error"] >= 0 for r in res)
+    assert res[-1]["grad_rel_error"] < res[0]["grad_rel_error"]  # more phantom steps: closer to exact
+    table = (root / "results/tables/fidelity.md").read_text()
+    assert f"{res[0]['grad_cosine']:.5f}" in table
+
+
+def test_report_conclusions_come_from_the_numbers(built):
+    root, _ = built
+    text = (root / "results/REPORT.md").read_text()
+    for section in ("## What to conclude", "## Caveats", "## toy", "## Memory vs depth", "## Phantom vs exact"):
+        assert section in text
+    # DEQ 1.78 MB vs the deepest explicit with metrics (explicit-4, 4.0 MB): 44.5%
+    assert f"{100 * 1_780_088 / 4_000_000:.1f}% of the memory of the deepest explicit variant with metrics `explicit-4`" in text
+    # -2.3456 vs -2.5 with se 0.0123, 0.011: beats; vs explicit-4 (no se): no verdict
+    assert "`deq` beats `explicit-2` in test log-likelihood" in text
+    assert "`deq`'s test log-likelihood is above `explicit-4`'s" in text and "no standard error" in text
+    # benchmark: phantom 2500 B of explicit-32's 32000 B, the memory of depth 2.5
+    assert f"{100 * 2500 / 32000:.1f}% of the explicit depth-32" in text and "depth ≈ 2.5" in text
+    assert "unroll` backward: its memory grows" in text
+    assert "TrainingError" in text and "explicit-8: 1" in text  # failed trials from best.json
+    assert "](figures/training_toy.png)" in text and "](tables/toy.csv)" in text
+
+
+def test_artifacts_are_logged_to_a_report_run(built):
+    root, settings = built
+    from pipelines.tracking import Tracker
+
+    tracker = Tracker(settings.tracking_uri())
+    assert settings.tracking_uri() == f"sqlite:///{root / 'mlflow.db'}"
+    runs = tracker.runs("toy", "tags.stage = 'report'")
+    assert len(runs) == 1 and runs[0].info.run_name == "report" and runs[0].info.status == "FINISHED"
+    top = {a.path for a in tracker.client.list_artifacts(runs[0].info.run_id)}
+    assert {"REPORT.md", "fidelity.json", "figures", "tables"} <= top
+    figs = {a.path for a in tracker.client.list_artifacts(runs[0].info.run_id, "figures")}
+    assert {"figures/memory_depth.png", "figures/training_toy.png", "figures/fidelity.png"} <= figs
+    metrics = runs[0].data.metrics
+    assert abs(metrics["deq_over_explicit-4_memory"] - 1_780_088 / 4_000_000) < 1e-9
+    assert "deq_fidelity_k1_grad_cosine" in metrics
+
+
+def test_missing_metrics_name_the_file_and_the_stage(tree, tmp_path):
+    root, _ = tree
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["experiments"]["other"] = params["experiments"]["toy"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    # the subprocess runs the CLI with main_guard: one line on stderr and exit status 2, before any work
+    done = subprocess.run([sys.executable, "-m", "pipelines.report", "--params", str(tmp_path / "params.yaml"),
+                           "--root", str(root)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "results/experiments/other/metrics.json is missing" in done.stderr and "dvc repro evaluate@other" in done.stderr
+    assert not (root / "results/experiments/other").exists()
+
+
+def test_missing_curve_and_model_name_the_train_stage(tree, tmp_path):
+    root, settings = tree
+    layout = report.Layout(settings, tmp_path)
+    (tmp_path / "results/experiments/toy/curves").mkdir(parents=True)
+    (tmp_path / "results/experiments/toy/metrics.json").write_text(json.dumps({"deq": METRICS["deq"]}))
+    with pytest.raises(report.ReportError, match=r"curves/deq.csv is missing.*dvc repro train@toy"):
+        report.read_experiment(layout, "toy")
+    write_curve(tmp_path / "results/experiments/toy/curves/deq.csv", deq=True)
+    with pytest.raises(report.ReportError, match=r"models/toy/deq.pt is missing.*dvc repro train@toy"):
+        report.read_experiment(layout, "toy")
+
+
+def test_mlflow_failure_is_an_error(tree, tmp_path, monkeypatch):
+    root, settings = tree
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a folder")
+    bad = settings.model_copy(update={"tracking": settings.tracking.model_copy(
+        update={"uri": f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}"})})
+    layout = report.Layout(bad, root)
+    data = report.read_experiment(layout, "toy")
+    (tmp_path / "x.md").write_text("x")
+    with pytest.raises(report.ReportError, match="MLflow"):
+        report.log_to_mlflow(layout, [data], {}, [tmp_path / "x.md"], {}, {}, {})
+
+
+def test_curves_from_the_train_stage_format(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("step,solver.nets.0.deq_abs_residual_max,solver.nets.0.deq_nstep,solver.nets.1.deq_abs_residual_max,"
+                    "solver.nets.1.deq_nstep,train_loss,val_loss\n1,1e-6,4,3e-6,6,0.5,\n2,,,,,,0.4\n")
+    curve = report.Curve.read(path)
+    assert curve.loss_key == "train_loss"
+    assert curve.residuals() == ([1.0], [3e-6]) and curve.nsteps() == ([1.0], [5.0])
+    assert curve.series("val_loss") == ([2.0], [0.4])
+
+
+@pytest.mark.slow
+def test_memory_benchmark_runs_when_its_file_is_absent(tmp_path):
+    bench = report.memory_benchmark(tmp_path / "absent.jsonl", timeout=180)
+    assert "run by this stage" in bench.source
+    assert [d for d, _ in bench.explicit()] == [1, 2, 4, 8, 16, 32]
+    deq = bench.deq()
+    assert set(deq) == {"phantom", "implicit", "unroll"}
+    phantom = [r["peak_bytes"] for r in deq["phantom"]]
+    assert max(phantom) == min(phantom) < bench.explicit()[-1][1]["peak_bytes"]
+
+
+def test_solver_stats_fall_back_to_the_curve(tree, tmp_path):
+    _, settings = tree
+    path = tmp_path / "deq.csv"
+    write_curve(path, deq=True)  # solver steps 7, 6, 5; residuals 1e-5, 1e-6, 1e-7
+    metrics = {k: v for k, v in METRICS["deq"].items() if not k.startswith("solver")}
+    data = report.ExperimentData("toy", settings.experiments["toy"], {"deq": metrics}, {"deq": report.Curve.read(path)}, None)
+    row = next(r for r in report.table_rows(data) if r["variant"] == "deq")
+    assert row["solver_nstep_mean"] == 6.0 and row["solver_residual_max"] == pytest.approx(1e-5)
+    assert row["solver_final_residual"] == pytest.approx(1e-7) and row["solver_source"] == "curve"
+    assert "averaged over the training curve's logged steps" in report.experiment_table_md(data, report.table_rows(data))
+
+
+def test_out_dir_keeps_the_report_apart_from_its_inputs(built, tmp_path, monkeypatch):
+    root, settings = built
+    monkeypatch.chdir(tmp_path)
+    other = settings.model_copy(update={"tracking": settings.tracking.model_copy(
+        update={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})})
+    out = report.run_report(other, root / "params.yaml", root, fidelity_rows=8, fidelity_k=(1, 2),
+                            out_dir=Path("report"))
+    assert out["report"] == root / "report" / "REPORT.md"
+    for name in ("tables/toy.md", "tables/fidelity.csv", "figures/training_toy.png", "plots/memory_depth.csv",
+                 "fidelity.json"):
+        assert (root / "report" / name).stat().st_size > 0, name
+    text = out["report"].read_text()
+    assert "`../results/experiments/toy/metrics.json`" in text and "](figures/training_toy.png)" in text
