@@ -8,8 +8,9 @@ The network (for small images, e.g. 8×8 digits), ``s(x, σ) = head(z) / σ``:
          ``deq``      z* = softplus(Ŵ ⋆ z* + u), one weight-tied convolution at its fixed point (the paper's
                       eq. 5 with a convolution for W), solved by a registered solver, differentiated by a
                       registered backward mode (phantom: the paper's Algorithm 1);
-         ``explicit`` z_l = softplus(W_l ⋆ z_{l−1} + u), l = 1…L, z_0 = 0: the same block, L untied copies
-                      (unnormalised weights, as the paper's baselines).
+         ``explicit`` z_l = softplus(W_l ⋆ z_{l−1} + u), l = 1…L, from z_0 = softplus(u) (the block applied
+                      to z = 0, as the DEQ's first iterate): the same block, L untied copies (unnormalised
+                      weights, as the paper's baselines).
 
 Output division by σ (the NCSNv2 parameterisation) makes ‖s‖ ∝ 1/σ, as the true score's is.
 
@@ -99,7 +100,8 @@ class DEQCore(nn.Module):
 
 
 class ExplicitCore(nn.Module):
-    """z_l = Softplus(W_l ⋆ z_{l−1} + u), l = 1…depth, z_0 = 0: the DEQ's block, untied and unnormalised."""
+    """z_l = Softplus(W_l ⋆ z_{l−1} + u), l = 1…depth, z_0 = Softplus(u): the DEQ's block, untied and
+    unnormalised (starting from z = 0 would leave W_1 without effect or gradient)."""
 
     def __init__(self, channels: int, depth: int) -> None:
         super().__init__()
@@ -108,7 +110,7 @@ class ExplicitCore(nn.Module):
         self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1, bias=False) for _ in range(depth))
 
     def forward(self, u: Tensor) -> Tensor:
-        z = torch.zeros_like(u)
+        z = F.softplus(u)
         for conv in self.convs:
             z = F.softplus(conv(z) + u)
         return z

@@ -1,0 +1,313 @@
+"""A VAE with an implicit encoder whose entropy gradient comes from a learned score (the paper's §4.1,
+after Song et al. 2020, "Sliced score matching", §5.2).
+
+- Encoder q_φ(z|x), implicit: z = g_φ([x, ε]), ε ~ N(0, I); samples are cheap, the density is unknown.
+- Decoder p_θ(x|z): independent Bernoulli pixels (binarised images), logits from an MLP; prior N(0, I).
+- Score network s_ψ(x, z) ≈ ∇_z log q_φ(z|x), trained by a score-matching loss (``ssm`` / ``ssm_vr``) in z
+  on the encoder's samples, in alternation with the VAE.
+
+The VAE maximises ELBO(x) = E_q[log p_θ(x|z) + log p(z)] + H[q_φ(·|x)]. With the reparameterisation
+z = g_φ(x, ε), ∇_φ H = −E_ε[(∇_z log q_φ(z|x))ᵀ ∂z/∂φ] (the term E_q[∇_φ log q_φ] is zero), so the
+entropy's gradient is that of the surrogate −sg[s_ψ(x, z)]ᵀ z (sg: stop-gradient).
+
+Score-network variants (``SCORE_NETS``, the paper's Table 1): ``explicit`` (the original score net:
+2 hidden Softplus layers), ``aug8`` / ``aug16`` (8 / 16 hidden layers), ``deq`` (one weight-tied layer at
+its fixed point, :class:`deqsm.models.blocks.DEQMLP`). The honest evaluation of the ELBO (the entropy of
+the implicit q estimated per x) is :func:`deqsm.metrics.elbo.estimate_elbo`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from deqsm.config import DEQSettings
+from deqsm.losses import LossOutput, get_score_loss
+from deqsm.metrics.memory import measure_step
+from deqsm.models.blocks import make_net
+from deqsm.registry import Registry
+
+Tensor = torch.Tensor
+LOG_2PI = math.log(2 * math.pi)
+
+
+def mlp(in_dim: int, width: int, out_dim: int, depth: int) -> nn.Sequential:
+    """``depth`` hidden Softplus layers of ``width``, then a linear read-out; He (fan-in) initialisation.
+
+    PyTorch's default Linear initialisation shrinks the signal about threefold per layer: the implicit
+    encoder then starts with z nearly independent of x and ε (std ~0.01), and in short runs the VAE sat in
+    posterior collapse. With He initialisation z carries both from the first step."""
+    if depth < 1 or width < 1:
+        raise ValueError(f"depth and width must be >= 1, got depth={depth}, width={width}")
+    dims = [in_dim] + [width] * depth + [out_dim]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        lin = nn.Linear(a, b)
+        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu" if i < depth else "linear")
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.Softplus()] if i < depth else [lin]
+    return nn.Sequential(*layers)
+
+
+class ImplicitEncoder(nn.Module):
+    """z = g_φ([x, ε]) with ε ~ N(0, I_eps_dim): a sampler of q_φ(z|x) without a density.
+
+    ``eps_dim`` must be at least ``z_dim`` for q to have a density on the latent space (the KDE
+    evaluation assumes one)."""
+
+    def __init__(self, x_dim: int, z_dim: int, *, eps_dim: int | None = None, width: int = 256, depth: int = 2) -> None:
+        super().__init__()
+        self.x_dim, self.z_dim = x_dim, z_dim
+        self.eps_dim = z_dim if eps_dim is None else eps_dim
+        if self.eps_dim < z_dim:
+            raise ValueError(f"eps_dim ({self.eps_dim}) must be >= z_dim ({z_dim}) for q(z|x) to have a density")
+        self.net = mlp(x_dim + self.eps_dim, width, z_dim, depth)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One sample z per row of x: (B, x_dim) → (B, z_dim)."""
+        x = x.flatten(1)
+        if x.shape[1] != self.x_dim:
+            raise ValueError(f"encoder expects {self.x_dim} input features, got {x.shape[1]}")
+        eps = torch.randn(x.shape[0], self.eps_dim, generator=generator, dtype=x.dtype,
+                          device=generator.device if generator is not None else x.device).to(x.device)
+        return self.net(torch.cat([x, eps], dim=1))
+
+    def sample(self, x: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` samples per row: (B, x_dim) → (B, n, z_dim)."""
+        if n < 1:
+            raise ValueError(f"number of samples must be >= 1, got {n}")
+        x = x.flatten(1)
+        rep = x.unsqueeze(1).expand(x.shape[0], n, x.shape[1]).reshape(-1, x.shape[1])
+        return self(rep, generator).view(x.shape[0], n, self.z_dim)
+
+
+class BernoulliDecoder(nn.Module):
+    """p_θ(x|z) = Π_j Bernoulli(x_j; sigmoid(logits_j(z)))."""
+
+    def __init__(self, z_dim: int, x_dim: int, *, width: int = 256, depth: int = 2) -> None:
+        super().__init__()
+        self.z_dim, self.x_dim = z_dim, x_dim
+        self.net = mlp(z_dim, width, x_dim, depth)
+
+    def logits(self, z: Tensor) -> Tensor:
+        return self.net(z)
+
+    def log_prob(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(x|z) for x (B, x_dim) and z (B, z_dim) → (B,), or z (B, n, z_dim) → (B, n)."""
+        x = x.flatten(1)
+        logits = self.logits(z)
+        if z.dim() == 3:
+            x = x.unsqueeze(1).expand_as(logits)
+        return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """log N(z; 0, I), summed over the last dimension."""
+    return -0.5 * (z.pow(2).sum(-1) + z.shape[-1] * LOG_2PI)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Score networks s(x, z) ≈ ∇_z log q(z|x)
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScoreNetSpec:
+    """A score-network variant: the network kind of :func:`deqsm.models.blocks.make_net` and its depth."""
+
+    kind: str  # "explicit" or "deq"
+    depth: int  # hidden layers (explicit); ignored by deq
+
+
+SCORE_NETS: Registry[ScoreNetSpec] = Registry("VAE score-network variant")
+SCORE_NETS.register("explicit")(ScoreNetSpec("explicit", 2))
+SCORE_NETS.register("aug8")(ScoreNetSpec("explicit", 8))
+SCORE_NETS.register("aug16")(ScoreNetSpec("explicit", 16))
+SCORE_NETS.register("deq")(ScoreNetSpec("deq", 1))
+
+
+class LatentScoreNet(nn.Module):
+    """s_ψ(x, z): an MLP on [x, z] with a ``z_dim`` output (variant from :data:`SCORE_NETS`)."""
+
+    def __init__(self, x_dim: int, z_dim: int, *, variant: str = "deq", width: int = 256,
+                 deq: DEQSettings | None = None) -> None:
+        super().__init__()
+        spec = SCORE_NETS.get(variant)
+        self.variant = variant
+        self.x_dim, self.z_dim = x_dim, z_dim
+        self.net = make_net(spec.kind, x_dim + z_dim, width, z_dim, depth=spec.depth, deq=deq or DEQSettings())
+        # He (fan-in) initialisation of every Linear, as in the encoder / decoder: with PyTorch's default,
+        # a 16-layer Softplus stack starts with a constant output and zero input-Jacobian, where the SSM
+        # gradient vanishes and aug16 never learns. (The DEQ's weight-tied matrix is normalised, so its
+        # scale does not matter.)
+        for module in self.net.modules():
+            if isinstance(module, nn.Linear):
+                gain = "linear" if module is getattr(self.net, "readout", None) else "relu"
+                nn.init.kaiming_normal_(module.weight, nonlinearity=gain)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        x = x.flatten(1)
+        if x.shape[0] != z.shape[0]:
+            raise ValueError(f"x and z batch sizes differ: {x.shape[0]} vs {z.shape[0]}")
+        return self.net(torch.cat([x, z], dim=1))
+
+
+class ImplicitVAE(nn.Module):
+    """Encoder, decoder and latent score network; prior N(0, I).
+
+    Args:
+        x_dim: flattened input size (64 for 8×8 digits, 784 for MNIST).
+        z_dim: latent size (the paper: 8 and 32 on MNIST).
+        width, depth: hidden width and layers of encoder and decoder.
+        score_variant, score_width, deq: the score network (:class:`LatentScoreNet`).
+        eps_dim: noise fed to the encoder (default z_dim).
+    """
+
+    def __init__(self, x_dim: int, z_dim: int = 8, *, width: int = 256, depth: int = 2, score_variant: str = "deq",
+                 score_width: int = 256, deq: DEQSettings | None = None, eps_dim: int | None = None) -> None:
+        super().__init__()
+        self.x_dim, self.z_dim = x_dim, z_dim
+        self.encoder = ImplicitEncoder(x_dim, z_dim, eps_dim=eps_dim, width=width, depth=depth)
+        self.decoder = BernoulliDecoder(z_dim, x_dim, width=width, depth=depth)
+        self.score = LatentScoreNet(x_dim, z_dim, variant=score_variant, width=score_width, deq=deq)
+
+    def vae_parameters(self) -> list[nn.Parameter]:
+        return [*self.encoder.parameters(), *self.decoder.parameters()]
+
+    def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+        return self.decoder.log_prob(x, z)
+
+    @staticmethod
+    def log_prior(z: Tensor) -> Tensor:
+        return standard_normal_log_prob(z)
+
+    def score_objective(self, x: Tensor, loss_fn: Callable[..., LossOutput],
+                        generator: torch.Generator | None = None) -> LossOutput:
+        """The score network's loss on encoder samples z ~ q(·|x) (no gradient reaches the encoder)."""
+        x = x.flatten(1)
+        with torch.no_grad():
+            z = self.encoder(x, generator)
+        batch = x.shape[0]
+
+        def score_fn(z_: Tensor) -> Tensor:
+            # the loss may tile z n_particles times along dim 0; tile x alike
+            return self.score(x.repeat(z_.shape[0] // batch, 1), z_)
+
+        return loss_fn(score_fn, z)
+
+    def vae_objective(self, x: Tensor, generator: torch.Generator | None = None) -> LossOutput:
+        """−(log p(x|z) + log p(z) − sg[s(x, z)]ᵀ z), z = g_φ(x, ε): its φ- and θ-gradients are those of
+        −ELBO with the entropy gradient from the score network (the value itself is not the ELBO)."""
+        x = x.flatten(1)
+        z = self.encoder(x, generator)
+        recon = self.log_likelihood(x, z)
+        prior = self.log_prior(z)
+        with torch.no_grad():
+            s = self.score(x, z.detach())
+        entropy_surrogate = -(s * z).sum(-1)
+        loss = -(recon + prior + entropy_surrogate).mean()
+        return LossOutput(loss, {"recon": recon.mean().detach(), "log_prior": prior.mean().detach()})
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Bernoulli means (pixel probabilities) of n draws z ~ p(z): (n, x_dim)."""
+        dev = next(self.parameters()).device
+        z = torch.randn(n, self.z_dim, generator=generator,
+                        device=generator.device if generator is not None else dev).to(dev)
+        return torch.sigmoid(self.decoder.logits(z))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Alternating training
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class VAEStepMetrics:
+    """What one alternating iteration did and cost."""
+
+    score_loss: float
+    vae_loss: float
+    recon: float
+    iteration_seconds: float  # score step(s) + VAE step, optimiser updates included
+    score_saved_bytes: int  # autograd_saved_bytes of the (last) score-network step
+    vae_saved_bytes: int  # autograd_saved_bytes of the VAE step
+    solver_nstep: float | None  # DEQ score net: forward solver iterations of the last score step
+    solver_residual: float | None
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return dict(self.__dict__)
+
+
+VAE_SCORE_LOSSES = ("sm", "ssm", "ssm_vr")  # losses of deqsm.losses that train s(x, z) from samples alone
+
+
+class ImplicitVAETrainer:
+    """Alternates ``score_steps`` score-network updates (loss ``score_loss`` on encoder samples) with one
+    VAE update, each with its own Adam optimiser. :meth:`step` runs one iteration on a batch."""
+
+    def __init__(self, model: ImplicitVAE, *, score_loss: str = "ssm_vr", score_loss_options: dict | None = None,
+                 lr: float = 1e-3, score_lr: float | None = None, score_steps: int = 1, grad_clip: float | None = 10.0,
+                 generator: torch.Generator | None = None) -> None:
+        if score_loss not in VAE_SCORE_LOSSES:
+            raise ValueError(f"unknown VAE score loss {score_loss!r}; known: {', '.join(VAE_SCORE_LOSSES)}")
+        if score_steps < 1:
+            raise ValueError(f"score_steps must be >= 1, got {score_steps}")
+        options = dict(score_loss_options or {})
+        if generator is not None and score_loss != "sm":
+            options.setdefault("generator", generator)
+        self.model = model
+        self.loss_fn = get_score_loss(score_loss, **options)
+        self.score_steps = score_steps
+        self.grad_clip = grad_clip
+        self.generator = generator
+        self.vae_opt = torch.optim.Adam(model.vae_parameters(), lr=lr)
+        self.score_opt = torch.optim.Adam(model.score.parameters(), lr=score_lr or lr)
+
+    def _clip(self, params: list[Tensor]) -> None:
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+
+    def step(self, x: Tensor) -> VAEStepMetrics:
+        model = self.model
+        model.train()
+        start = time.perf_counter()
+        score_params = list(model.score.parameters())
+        for _ in range(self.score_steps):
+            self.score_opt.zero_grad(set_to_none=True)
+            holder: dict[str, LossOutput] = {}
+
+            def score_closure() -> Tensor:
+                holder["out"] = model.score_objective(x, self.loss_fn, self.generator)
+                return holder["out"].loss
+
+            score_loss, score_mem = measure_step(score_closure, score_params, x.device)
+            if not bool(torch.isfinite(score_loss)):
+                raise FloatingPointError(f"non-finite score-network loss {float(score_loss)}")
+            self._clip(score_params)
+            self.score_opt.step()
+        deq = getattr(model.score.net, "deq", None)
+        stats = deq.last_stats if deq is not None else None  # the score step's solve, not the VAE step's
+        vae_params = model.vae_parameters()
+        self.vae_opt.zero_grad(set_to_none=True)
+        vae_holder: dict[str, LossOutput] = {}
+
+        def vae_closure() -> Tensor:
+            vae_holder["out"] = model.vae_objective(x, self.generator)
+            return vae_holder["out"].loss
+
+        vae_loss, vae_mem = measure_step(vae_closure, vae_params + score_params, x.device)
+        if not bool(torch.isfinite(vae_loss)):
+            raise FloatingPointError(f"non-finite VAE loss {float(vae_loss)}")
+        self._clip(vae_params)
+        self.vae_opt.step()
+        elapsed = time.perf_counter() - start
+        return VAEStepMetrics(
+            score_loss=float(score_loss), vae_loss=float(vae_loss),
+            recon=float(vae_holder["out"].terms["recon"]), iteration_seconds=elapsed,
+            score_saved_bytes=score_mem.autograd_saved_bytes, vae_saved_bytes=vae_mem.autograd_saved_bytes,
+            solver_nstep=float(stats.nstep) if stats is not None else None,
+            solver_residual=float(stats.abs_residual_max) if stats is not None else None,
+        )
