@@ -31,7 +31,8 @@ def _flat_grad(model: nn.Module, objective: Callable[[nn.Module, Tensor], LossOu
     torch.manual_seed(seed)  # the same projections / noise for every mode
     loss = objective(model, x).loss
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+    # float64: a float32 cosine of long vectors can round past 1
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]).double()
 
 
 def _score(model: nn.Module, x: Tensor) -> Tensor | None:
