@@ -16,13 +16,12 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from deqsm.deq import DEQ
@@ -64,6 +63,12 @@ class TrainSettings(BaseModel):
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, v: str) -> str:
+        OPTIMIZERS.get(v)  # an unknown name raises, listing the known ones
+        return v
 
 
 class Callback:

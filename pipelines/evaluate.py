@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.settings import ParamsError, Settings, load_params, main_guard
+from pipelines.settings import Settings, load_experiment_stage, main_guard
 from pipelines.tune import load_experiment_splits
 
 
@@ -73,11 +73,7 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    settings = load_params(args.params)
-    settings.base.apply_threads()
-    if args.experiment not in settings.experiments:
-        raise ParamsError(f"unknown experiment {args.experiment!r}; in params.yaml: {', '.join(settings.experiments)}")
-    evaluate_experiment(settings, args.experiment)
+    evaluate_experiment(load_experiment_stage(args.params, args.experiment), args.experiment)
 
 
 if __name__ == "__main__":

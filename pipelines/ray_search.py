@@ -5,8 +5,11 @@
 - :func:`run_search` runs one pipeline experiment: a grid over its model variants × the search space of
   params.yaml, each trial calling :func:`deqsm.experiments.run`; data reaches trials once, through the
   object store (``tune.with_parameters``); trials checkpoint through Ray's API and a crashed trial is
-  retried from its last checkpoint (``FailureConfig``); an interrupted search with the same
-  configuration is resumed rather than restarted.
+  retried from its last checkpoint (``FailureConfig``). An interrupted search (Ctrl-C / SIGINT: Ray Tune
+  stops it and :func:`run_search` raises ``KeyboardInterrupt``, the stage exits 130) is resumed by the next
+  run when its configuration, data and code are unchanged; a finished search is never reused.
+- Test hook: with ``DEQSM_TRIAL_PID_DIR=<folder>`` in the workers' environment, every trial (and every retry)
+  writes its process id to ``<folder>/<trial_id>.pid`` (tests/test_reliability.py kills a trial with it).
 - :class:`MlflowTrialLogger` logs each trial from the driver as one MLflow run nested under the stage's
   parent run (a retried trial stays the same run; a failed one ends FAILED with a ``failure_reason``).
 """
@@ -16,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -99,6 +103,9 @@ def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: di
     spec = ExperimentSpec(**cfg["spec"])
     train = TrainSettings(**{**cfg["train"], "progress": False, "checkpoint_every": None})
     ckpt_dir = Path(tempfile.mkdtemp(prefix="deqsm-trial-"))
+    pid_dir = os.environ.get("DEQSM_TRIAL_PID_DIR")
+    if pid_dir:  # opt-in (tests/test_reliability.py): which process runs each trial, so a test can kill it
+        Path(pid_dir, f"{tune.get_context().get_trial_id()}.pid").write_text(str(os.getpid()))
     restored = tune.get_checkpoint()
     if restored is not None:  # a retried trial resumes from its last checkpoint
         with restored.as_directory() as d:
@@ -176,13 +183,33 @@ class MlflowTrialLogger(tune.Callback):
 
 def _error_text(trial) -> str:
     try:
-        err = trial.get_error()
-        text = str(err) if err is not None else ""
-    except Exception as e:  # noqa: BLE001 — reading a failed trial's pickled error must not fail the search
+        # Ray writes the error to the driver's local trial folder before it calls the callbacks and copies it to
+        # the storage path (where trial.get_error() reads) only later: read the local file, its last failure.
+        local = Path(trial.error_file) if trial.error_file else None
+        text = local.read_text() if local is not None and local.is_file() else ""
+        text = re.split(r"^Failure # \d+ \(occurred at [^)]*\)$", text, flags=re.M)[-1]
+        if not text.strip():
+            err = trial.get_error()
+            text = str(err) if err is not None else ""
+    except Exception as e:  # noqa: BLE001 — reading a failed trial's error must not fail the search
         text = f"(error unreadable: {e})"
     # The root cause is the last line of the worker's traceback: keep it first.
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return (lines[-1] + "\n" + text) if lines else "unknown error"
+
+
+def _digest(splits: dict) -> str:
+    """The trials' data and the code they run: an unfinished search is resumed only when neither changed."""
+    import deqsm
+
+    h = hashlib.sha256()
+    for key in sorted(splits):
+        h.update(key.encode())
+        h.update(splits[key].contiguous().cpu().numpy().tobytes())
+    for package in (Path(deqsm.__file__).parent, Path(__file__).parent):
+        for path in sorted(package.rglob("*.py")):
+            h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -210,8 +237,9 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
     name = experiment
     run_dir = storage / name
     fingerprint = hashlib.sha256(json.dumps([base_configs, {k: v.model_dump() for k, v in ts.search_space.items()},
-                                             ts.num_samples, ts.scheduler], sort_keys=True, default=str)
+                                             ts.num_samples, ts.scheduler, _digest(splits)], sort_keys=True, default=str)
                                  .encode()).hexdigest()
+    # The marker exists only while a search is unfinished (removed below once tuner.fit has run to the end).
     marker = storage / f"{name}.fingerprint"
     callback = MlflowTrialLogger(tracker, settings.tracking.experiment_prefix + experiment, parent_run_id, base_configs,
                                  provenance_tags(settings.base.device, settings.root))
@@ -233,6 +261,14 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
                 verbose=0),  # progress: one line per finished trial (MlflowTrialLogger)
         )
     grid = tuner.fit()
+    # Ray Tune catches SIGINT itself: fit() then returns normally with the running trials cut short. Its last
+    # experiment snapshot (on disk, taken before Ray's cleanup marks them TERMINATED) still says RUNNING/PENDING.
+    unfinished = [t.trial_id for t in tune.ExperimentAnalysis(str(run_dir)).trials
+                  if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        raise KeyboardInterrupt(f"tune search {name!r} interrupted with {len(unfinished)} unfinished trial(s); "
+                                f"its state is in {run_dir} and the next run resumes it")
+    marker.unlink(missing_ok=True)  # finished: a later run (changed code or data) starts a new search
     best: dict[str, dict] = {}
     failed: dict[str, list[str]] = {}
     for result in grid:

@@ -32,6 +32,18 @@ class BaseSettings(Strict):
     results: str = Field("results", description="folder for metrics, tables and figures")
     threads: int | None = Field(1, ge=1, description="torch CPU threads of a stage process (null: torch's default)")
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "auto":
+            import torch
+
+            try:
+                torch.device(v)
+            except RuntimeError:
+                raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda or cuda:<index>") from None
+        return v
+
     def apply_threads(self) -> None:
         """Small models on a shared CPU run fastest single-threaded (and oversubscribed threads spin)."""
         if self.threads is not None:
@@ -59,6 +71,15 @@ class ExperimentSettings(Strict):
     variants: dict[str, VariantSettings]
     eval_options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        from deqsm.models import MODELS
+
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; known: {', '.join(MODELS.names())}")
+        return v
+
     @field_validator("variants")
     @classmethod
     def _non_empty(cls, v: dict) -> dict:
@@ -84,7 +105,7 @@ class SpaceEntry(Strict):
                              f"randint; got {given or 'none'}")
         values = getattr(self, given[0])
         if given[0] in ("grid", "choice") and not values:
-            raise ValueError(f"empty {given[0]} list")
+            raise ValueError(f"empty {given[0]} list: give at least one value")
         if given[0] in ("uniform", "loguniform", "randint") and not values[0] < values[1]:
             raise ValueError(f"{given[0]} bounds must satisfy low < high, got {list(values)}")
         if given[0] == "loguniform" and values[0] <= 0:
@@ -94,6 +115,12 @@ class SpaceEntry(Strict):
     @property
     def kind(self) -> str:
         return next(k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None)
+
+    def extremes(self) -> list[Any]:
+        """Every value a grid / choice can take; the lowest and highest a range can (randint's high is exclusive)."""
+        values = getattr(self, self.kind)
+        return list(values) if self.kind in ("grid", "choice") else (
+            [values[0], values[1] - 1] if self.kind == "randint" else list(values))
 
 
 TUNABLE_SECTIONS = ("deq", "train", "loss", "model_options", "width")
@@ -178,13 +205,34 @@ class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid; the message names the key."""
 
 
+def _unknown_key(loc: tuple, root: type[BaseModel]) -> str:
+    """'unknown key; known: ...' for the key at ``loc`` under ``root`` (walks fields, ``X | None`` and
+    ``dict[str, X]`` down to the class that holds it)."""
+    import types
+    import typing
+
+    node: Any = root
+    for part in loc[:-1]:
+        if isinstance(node, type) and issubclass(node, BaseModel) and str(part) in node.model_fields:
+            node = node.model_fields[str(part)].annotation
+        elif typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]
+        else:
+            return "unknown key"
+        while typing.get_origin(node) in (typing.Union, types.UnionType):
+            node = next(a for a in typing.get_args(node) if a is not type(None))
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return f"unknown key; known: {', '.join(node.model_fields)}"
+    return "unknown key"
+
+
 def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = _unknown_key(tuple(e["loc"]), Settings)
         lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {key}: {msg}")
     return "\n".join(lines)
 
@@ -209,6 +257,54 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     except ValidationError as err:
         raise ParamsError(f"invalid {path.name}:\n{_format(err)}") from None
     settings._root = path.resolve().parent
+    problems = check_trials(settings)
+    if problems:
+        raise ParamsError(f"invalid {path.name}:\n" + "\n".join(f"  {p}" for p in problems))
+    return settings
+
+
+def check_trials(settings: Settings) -> list[str]:
+    """Problems of the trial configurations the sections combine into (model options, loss options, eval
+    options, every search-space value applied to every variant), found here rather than in each Ray trial."""
+    from deqsm.experiments import EvalOptions, ExperimentSpec
+    from deqsm.train import TrainSettings
+
+    samples = [(key, {key: value}) for key, entry in settings.tune.search_space.items() for value in entry.extremes()]
+    problems: dict[str, None] = {}  # ordered, without repeats (each variant meets the same mistakes)
+
+    def check(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+        found = []
+        for section, model, data in (("", ExperimentSpec, cfg["spec"]), ("train", TrainSettings, cfg["train"]),
+                                     ("eval_options", EvalOptions, cfg["eval_options"])):
+            try:
+                model(**data)
+            except ValidationError as err:
+                for e in err.errors():
+                    msg = (_unknown_key(tuple(e["loc"]), model) if e["type"] == "extra_forbidden"
+                           else e["msg"].removeprefix("Value error, "))
+                    found.append((".".join(str(p) for p in (section, *e["loc"]) if p != ""), msg))
+        return found
+
+    for name in settings.experiments:
+        for variant in settings.experiments[name].variants:
+            base = trial_config(settings, name, variant)
+            found = check(base)
+            for where, msg in found:
+                problems[f"experiments.{name}{'.' + where if where else ''}: {msg}"] = None
+            if found:
+                continue  # the search-space values are checked on a valid configuration
+            for key, sample in samples:
+                for where, msg in check(apply_sample(base, sample)):
+                    problems[f"tune.search_space.{key}: value {sample[key]!r} is invalid ({where}: {msg})"] = None
+    return list(problems)
+
+
+def load_experiment_stage(params: str | Path, experiment: str) -> Settings:
+    """A per-experiment stage's start: validated settings (threads applied) that hold ``experiment``."""
+    settings = load_params(params)
+    settings.base.apply_threads()
+    if experiment not in settings.experiments:
+        raise ParamsError(f"unknown experiment {experiment!r}; in params.yaml: {', '.join(settings.experiments)}")
     return settings
 
 

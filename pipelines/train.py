@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.settings import ParamsError, Settings, load_params, main_guard, flatten
+from pipelines.settings import Settings, flatten, load_experiment_stage, main_guard
 from pipelines.tune import load_experiment_splits
 
 
@@ -101,11 +101,7 @@ def train_experiment(settings: Settings, name: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    settings = load_params(args.params)
-    settings.base.apply_threads()
-    if args.experiment not in settings.experiments:
-        raise ParamsError(f"unknown experiment {args.experiment!r}; in params.yaml: {', '.join(settings.experiments)}")
-    train_experiment(settings, args.experiment)
+    train_experiment(load_experiment_stage(args.params, args.experiment), args.experiment)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from pipelines.settings import ParamsError, Settings, load_params, main_guard, trial_config
 
@@ -62,7 +61,13 @@ def main(argv: list[str] | None = None) -> None:
                                            for k, v in settings.tune.search_space.items()}},
                                        {"stage": "tune", **provenance_tags(settings.base.device, settings.root)})
             trial_splits = {k: v for k, v in splits[name].items() if k != "test"}  # test: evaluate stage only
-            outcome = run_search(settings, name, base, trial_splits, tracker, parent, storage)
+            try:
+                outcome = run_search(settings, name, base, trial_splits, tracker, parent, storage)
+            except BaseException as err:  # an interrupt ends the parent run KILLED, an error FAILED
+                interrupted = isinstance(err, KeyboardInterrupt)
+                tracker.end_run(parent, "KILLED" if interrupted else "FAILED",
+                                failure_reason=None if interrupted else f"{type(err).__name__}: {err}")
+                raise
             missing = sorted(set(exp.variants) - set(outcome.best))
             reason = "; ".join(f"{v}: {', '.join(outcome.failed.get(v, ['no result']))}" for v in missing) or None
             # The stage succeeds while each experiment has a finished trial; variants without one are

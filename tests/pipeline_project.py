@@ -66,7 +66,7 @@ def make_project(dest: Path, params: dict) -> Path:
                             check=True).stdout.decode().split("\0")
     for rel in filter(None, listed):
         src = ROOT / rel
-        if src.is_file() and not rel.startswith("tests/"):
+        if src.is_file() and not rel.startswith("tests/") and rel != "dvc.lock":  # a fresh project
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -1,0 +1,654 @@
+"""Reliability (issue 7): each fault is provoked for real — bad params, NaN losses and a failing DEQ solver in
+Ray trials, a SIGKILLed trial worker, a SIGINTed `dvc repro`, corrupt prepared data, two runs of the same
+seed — with real git + DVC, a real local Ray and a real MLflow SQLite store; and the security rules (services
+on 127.0.0.1, checkpoints loaded with weights_only, no eval / pickle of user files) are checked.
+
+Layout (about 3 minutes on 2 idle cores, 5 on busy ones): fast checks first; then one local Ray in this
+process for the trial faults (tune stage called in-process); then three copies of a one-experiment project
+run `dvc repro` concurrently — A and C uninterrupted, B interrupted with SIGINT and repro'd again — and A / B /
+C then serve the determinism, resume, data-fault and bad-params-under-DVC checks. Two xfail(strict) tests
+record known issues left open (see their reasons); they turn into failures once fixed, to be unmarked.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from pipeline_project import ROOT, env, make_project, run, tiny_params
+from pipelines.settings import ParamsError, load_params
+
+EXP = "dkef-mixture"
+TIMING = {"step_ms_median"}  # the only non-deterministic field of metrics.json (wall-clock time per step)
+
+
+def _one_experiment(**changes) -> dict:
+    """tiny_params reduced to the DKEF experiment on the 2-D mixture (deq vs explicit-2)."""
+    raw = tiny_params(**changes)
+    raw["experiments"] = {EXP: raw["experiments"][EXP]}
+    raw["data"]["datasets"] = {"mixture": raw["data"]["datasets"]["mixture"]}
+    return raw
+
+
+def _write(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _load_error(tmp_path: Path, raw: dict) -> str:
+    with pytest.raises(ParamsError) as err:
+        load_params(_write(tmp_path / "params.yaml", raw))
+    return str(err.value)
+
+
+def _without_timing(metrics: dict) -> dict:
+    return {v: {k: x for k, x in row.items() if k not in TIMING} for v, row in metrics.items()}
+
+
+def _tracker(root: Path):
+    from pipelines.tracking import Tracker
+
+    return Tracker(f"sqlite:///{root}/out/mlflow.db")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad params: the message names the key, the value and what is allowed (load_params; the stages exit 2 on it)
+# --------------------------------------------------------------------------------------------------------------
+
+def _set(raw: dict, key: str, value) -> dict:
+    node = raw
+    *parents, last = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    return raw
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("deq.lam", 1.0, "deq.lam: Input should be greater than 1 (got 1.0)"),
+    ("deq.lam", 0.5, "deq.lam: Input should be greater than 1 (got 0.5)"),
+    ("deq.k", 0, "deq.k: Input should be greater than or equal to 1 (got 0)"),
+    ("deq.tol", -1e-4, "deq.tol: Input should be greater than 0 (got -0.0001)"),
+    ("train.steps", "many", "train.steps: Input should be a valid integer, unable to parse string as an integer "
+                            "(got 'many')"),
+    ("tune.search_space", {"train.lr": {"grid": []}},
+     "tune.search_space.train.lr: empty grid list: give at least one value (got {'grid': []})"),
+    ("deq.solverr", "anderson", "deq.solverr: unknown key; known: solver, solver_options, backward, k, tau, tol, "
+                                "max_iter, stop_mode, lam, norm"),
+    ("experiments.dkef-mixture.variants.deq.dept", 3,
+     "experiments.dkef-mixture.variants.deq.dept: unknown key; known: variant, depth, width"),
+    ("train.optimizer", "adamm", "train.optimizer: unknown optimizer 'adamm'; known: adam, adamw, sgd (got 'adamm')"),
+    ("experiments.dkef-mixture.model", "dkeff", "experiments.dkef-mixture.model: unknown model 'dkeff'; known: "),
+    ("base.device", "gpu", "base.device: unknown device 'gpu'; use auto, cpu, cuda or cuda:<index> (got 'gpu')"),
+    ("experiments.dkef-mixture.model_options.n_inducingg", 3,
+     "experiments.dkef-mixture: unknown model_options ['n_inducingg']; this model's options: "),
+    ("experiments.dkef-mixture.eval_options.is_batchsize", 3,
+     "experiments.dkef-mixture.eval_options.is_batchsize: unknown key; known: is_samples, is_scale, is_batch_size"),
+    # search-space values are applied to every variant's configuration and checked before Ray starts
+    ("tune.search_space", {"deq.k": {"grid": [2, 0]}},
+     "tune.search_space.deq.k: value 0 is invalid (deq.k: Input should be greater than or equal to 1)"),
+    ("tune.search_space", {"deq.lam": {"uniform": [0.5, 3.0]}},
+     "tune.search_space.deq.lam: value 0.5 is invalid (deq.lam: Input should be greater than 1)"),
+    ("tune.search_space", {"deq.solver": {"choice": ["anderson", "newton"]}},
+     "tune.search_space.deq.solver: value 'newton' is invalid (deq.solver: unknown solver 'newton'; known: "
+     "anderson, broyden, picard)"),
+    ("tune.search_space", {"train.optimiser": {"grid": ["adam"]}},
+     "tune.search_space.train.optimiser: value 'adam' is invalid (train.optimiser: unknown key; known: steps"),
+])
+def test_bad_param_names_key_value_and_what_is_allowed(tmp_path, key, value, expected):
+    message = _load_error(tmp_path, _set(_one_experiment(), key, value))
+    assert expected in message, message
+
+
+def test_search_space_typo_stops_the_tune_stage_before_ray_starts(tmp_path):
+    raw = _one_experiment(**{"tune.search_space": {"deq.max_itr": {"grid": [5, 10]}}})
+    params = _write(tmp_path / "params.yaml", raw)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.tune", "--params", str(params), "--experiment", EXP],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr
+    assert "tune.search_space.deq.max_itr: value 5 is invalid (deq.max_itr: unknown key; known: solver" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists(), "nothing written: no MLflow store, no Ray results"
+    print(f"rejected in {time.time() - t0:.1f}s")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Security
+# --------------------------------------------------------------------------------------------------------------
+
+SOURCES = ("deqsm", "pipelines", "benchmarks")
+FORBIDDEN = {
+    "pickle.load / loads": re.compile(r"\b(c?pickle|dill|cloudpickle|joblib)\.loads?\("),
+    "eval( / exec(": re.compile(r"(?<![\w.])(eval|exec)\("),
+    "weights_only=False": re.compile(r"weights_only\s*=\s*False"),
+    "yaml.load( / unsafe_load": re.compile(r"yaml\.(load|unsafe_load|full_load)\("),
+    "numpy allow_pickle=True": re.compile(r"allow_pickle\s*=\s*True"),
+    "pandas read_pickle": re.compile(r"read_pickle\("),
+}
+
+
+def test_source_tree_has_no_eval_or_unpickling_of_files():
+    files = [p for d in SOURCES for p in (ROOT / d).rglob("*.py")]
+    assert len(files) > 20
+    hits = [f"{p.relative_to(ROOT)}:{i}: {what}: {line.strip()}"
+            for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+            for what, rx in FORBIDDEN.items() if rx.search(line)]
+    assert not hits, "\n".join(hits)
+    loads = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+             if "torch.load(" in line and "weights_only=True" not in line and "``" not in line]
+    assert not loads, f"torch.load without weights_only=True: {loads}"
+    # the check itself finds what it looks for
+    assert FORBIDDEN["eval( / exec("].search("x = eval(s)") and not FORBIDDEN["eval( / exec("].search("model.eval()")
+
+
+def _pwned(path: str) -> str:
+    """What a malicious checkpoint runs on unpickling (here: writes a marker file)."""
+    Path(path).write_text("code ran while loading")
+    return "payload"
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_pwned, (self.marker,))
+
+
+def test_checkpoints_with_pickled_objects_are_refused(tmp_path):
+    from deqsm.train import TrainingError, load_checkpoint
+    from pipelines.evaluate import load_model
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "spec": {"name": "x"}, "state_dict": {}, "extra": _Payload(marker)},
+               evil)
+    with pytest.raises(TrainingError, match=r"cannot load checkpoint .*evil\.pt.*(Weights only load failed|Unsupported global)"):
+        load_checkpoint(evil)
+    with pytest.raises(ValueError, match=r"cannot load model file .*evil\.pt"):
+        load_model(evil, torch.zeros(4, 2))
+    assert not marker.exists(), "the payload must not run"
+    # the payload is live: an unsafe load would have run it
+    torch.load(evil, weights_only=False)
+    assert marker.read_text() == "code ran while loading"
+    # and a plain checkpoint (tensors, numbers, containers) still loads
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "step": 3, "history": [{"val_loss": 0.5}]}, good)
+    assert load_checkpoint(good)["step"] == 3
+
+
+@pytest.mark.xfail(strict=True, reason="known issue, not fixed here (deqsm/data is outside this change): with "
+                   "verify_md5: false the CIFAR-10 loader hands unverified files to torchvision, which pickle.loads them")
+def test_cifar10_without_md5_check_does_not_unpickle_arbitrary_files(tmp_path):
+    from deqsm.data import prepare_datasets
+    from deqsm.data.settings import DataSettings
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "raw" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"):
+        (folder / name).write_bytes(pickle.dumps(_Payload(marker)))
+    settings = DataSettings.model_validate({"root": "out", "raw_root": "raw",
+                                            "datasets": {"cifar10": {"verify_md5": False}}})
+    with pytest.raises(Exception):
+        prepare_datasets(settings, base=tmp_path, names=["cifar10"])
+    assert not marker.exists(), "a crafted data_batch_1 ran code during `prepare`"
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int, str]]:
+    out = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for c in proc.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    out.append((c.laddr.ip, c.laddr.port, proc.name()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_make_ui_serves_mlflow_on_loopback_only(tmp_path):
+    port = _free_port()
+    dry = subprocess.run(["make", "-n", "ui", f"MLFLOW_PORT={port}"], cwd=ROOT, env=env(), capture_output=True,
+                         text=True, timeout=60)
+    line = next(ln for ln in dry.stdout.splitlines() if ln.lstrip().startswith("mlflow ui"))
+    assert f"--host 127.0.0.1 --port {port}" in line and "0.0.0.0" not in dry.stdout
+    # run the Makefile's command on a throw-away store (the project's own out/mlflow.db stays untouched)
+    cmd = re.sub(r"--backend-store-uri \$\(.*?\)\)\"\)", f"--backend-store-uri sqlite:///{tmp_path}/ui.db", line)
+    assert cmd != line, line
+    server = subprocess.Popen(["bash", "-c", cmd], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, found = time.time() + 90, []
+        while time.time() < deadline and not any(p == port for _, p, _ in found):
+            time.sleep(1)
+            tree = {server.pid} | {c.pid for c in psutil.Process(server.pid).children(recursive=True)}
+            found = _listening(tree)
+        assert any(p == port for _, p, _ in found), f"the UI did not listen on {port}: {found}"
+        assert {ip for ip, _, _ in found} <= {"127.0.0.1", "::1"}, found
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Trial faults, on one local Ray started in this process (pipelines.ray_search.ray_session, the stage's own)
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """The project's local Ray (ray_session); its workers inherit DEQSM_TRIAL_PID_DIR, so each trial writes its
+    process id where a test can find it. The variable is set only while Ray starts."""
+    import ray
+
+    from pipelines.ray_search import ray_session
+    from pipelines.settings import Settings
+
+    pid_dir = tmp_path_factory.mktemp("trial-pids")
+    settings = Settings.model_validate(_one_experiment())
+    os.environ["DEQSM_TRIAL_PID_DIR"] = str(pid_dir)
+    try:
+        session = ray_session(settings)
+        session.__enter__()
+    finally:
+        del os.environ["DEQSM_TRIAL_PID_DIR"]
+    try:
+        yield pid_dir
+    finally:
+        session.__exit__(None, None, None)
+    assert not ray.is_initialized()
+
+
+def _ray_processes() -> set[int]:
+    return {c.pid for c in psutil.Process().children(recursive=True)}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known issue, not fixed here: Ray core (GCS, raylet, workers) binds its gRPC "
+                   "ports on all interfaces; Ray 2.60 has no option to bind them to 127.0.0.1, and the project runs "
+                   "with RAY_AUTH_MODE=disabled (only the dashboard is off)")
+def test_local_ray_listens_on_loopback_only(local_ray):
+    found = _listening(_ray_processes())
+    assert found, "no listening Ray process found"
+    assert not any(port == 8265 for _, port, _ in found), "include_dashboard=False: no dashboard"
+    assert {ip for ip, _, _ in found} <= {"127.0.0.1", "::1"}, sorted(found)
+
+
+def _prepared_project(tmp_path: Path, raw: dict) -> Path:
+    from deqsm.data import prepare_datasets
+    from deqsm.data.settings import DataSettings
+
+    params = _write(tmp_path / "params.yaml", raw)
+    prepare_datasets(DataSettings.model_validate(raw["data"]), base=tmp_path, names=["mixture"])
+    return params
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_nan_and_solver_failures_fail_their_trials_only(local_ray, tmp_path, capsys):
+    """`mixed`: per variant, lr 1e-3 and 1e6 (NaN at step 2); the DEQ solver may do one iteration and training
+    stops at the first step that misses tol. `doomed`: only the DEQ variant. mixed finishes (explicit-2 at lr
+    1e-3), doomed has no finished trial: the stage exits 1 naming it, with each cause."""
+    from pipelines import tune as tune_stage
+
+    raw = _one_experiment(**{"tune.search_space": {"train.lr": {"grid": [1.0e-3, 1.0e6]}}, "tune.steps": 12,
+                             "tune.max_failures": 0, "deq.max_iter": 1, "deq.tol": 1.0e-8,
+                             "train.max_nonconverged_steps": 1})
+    exp = raw["experiments"].pop(EXP)
+    raw["experiments"] = {"mixed": exp, "doomed": {**exp, "variants": {"deq": {"variant": "deq"}}}}
+    params = _prepared_project(tmp_path, raw)
+
+    tune_stage.main(["--params", str(params), "--experiment", "mixed"])  # returns: the stage succeeds
+    out = capsys.readouterr()
+    assert "warning: mixed: no finished trial for variant(s) ['deq']" in out.err
+    assert "the DEQ solver missed its tolerance for 1 consecutive steps" in out.err
+    assert "FAILED: " in out.out and "non-finite loss (nan) at step 2" in out.out
+    best = json.loads((tmp_path / "out" / "tune" / "mixed" / "best.json").read_text())
+    assert set(best["best"]) == {"explicit-2"} and best["best"]["explicit-2"]["sample"] == {"train.lr": 1.0e-3}
+    assert best["trials"] == 4 and len(best["failed"]["deq"]) == 2 and len(best["failed"]["explicit-2"]) == 1
+    assert "non-finite loss (nan)" in best["failed"]["explicit-2"][0]
+
+    tracker = _tracker(tmp_path)
+    runs = tracker.runs("mixed")
+    trials = {(r.data.tags["variant"], r.data.params["train.lr"]): r for r in runs if "ray_trial_id" in r.data.tags}
+    assert len(trials) == 4, "one MLflow run per trial"
+    assert trials[("explicit-2", "0.001")].info.status == "FINISHED"
+    nan_run = trials[("explicit-2", "1000000.0")]
+    assert nan_run.info.status == "FAILED"
+    assert nan_run.data.tags["failure_reason"].splitlines()[0].startswith("deqsm.train.TrainingError: non-finite loss (nan) at step 2")
+    for lr in ("0.001", "1000000.0"):
+        run_ = trials[("deq", lr)]
+        assert run_.info.status == "FAILED"
+        assert "the DEQ solver missed its tolerance for 1 consecutive steps" in run_.data.tags["failure_reason"].splitlines()[0]
+    parent = next(r for r in runs if "ray_trial_id" not in r.data.tags)
+    assert parent.info.status == "FINISHED" and parent.data.tags["failure_reason"].startswith("deq: ")
+
+    with pytest.raises(SystemExit) as stop:
+        tune_stage.main(["--params", str(params), "--experiment", "doomed"])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "tune failed:\n  doomed: no trial finished — deq: " in err and "missed its tolerance" in err
+    doomed = tracker.runs("doomed")
+    assert sorted(r.info.status for r in doomed) == ["FAILED"] * 3, "two trials and their parent"
+
+
+def _trial_lines(run_dir: Path) -> list[dict]:
+    """Every result Ray Tune wrote for the trials of ``run_dir`` (a line being written is skipped)."""
+    lines = []
+    for result in run_dir.glob("_trainable_*/result.json"):
+        for ln in result.read_text().splitlines():
+            try:
+                lines.append(json.loads(ln))
+            except json.JSONDecodeError:
+                pass
+    return lines
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_killed_trial_worker_is_retried_from_its_checkpoint(local_ray, tmp_path):
+    """The trial's worker is SIGKILLed once Ray has its first checkpoint (step 20 of 240): Tune retries it
+    (tune.max_failures: 1) from that checkpoint in a new process, the final metrics exist, and MLflow keeps one
+    run for the trial, tagged `retried`."""
+    from pipelines import tune as tune_stage
+
+    raw = _one_experiment(**{"tune.search_space": {}, "tune.steps": 240, "tune.max_failures": 1,
+                             "train.eval_every": 20})
+    raw["experiments"][EXP]["variants"] = {"explicit-2": {"variant": "explicit", "depth": 2}}
+    params = _prepared_project(tmp_path, raw)
+    run_dir = tmp_path / "out" / "ray" / EXP
+    killed: dict = {}
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            lines = [ln for ln in _trial_lines(run_dir) if ln.get("step")]
+            if lines:
+                trial_id = lines[0]["trial_id"]
+                pid_file = local_ray / f"{trial_id}.pid"
+                if pid_file.exists():
+                    pid = int(pid_file.read_text())
+                    killed.update(trial_id=trial_id, pid=pid, at_step=max(ln["step"] for ln in lines))
+                    os.kill(pid, signal.SIGKILL)  # raises if the trial's process is already gone
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    tune_stage.main(["--params", str(params), "--experiment", EXP])
+    thread.join(timeout=5)
+    assert killed, "the trial finished before it could be killed"
+    trial_id = killed["trial_id"]
+
+    new_pid = int((local_ray / f"{trial_id}.pid").read_text())
+    assert new_pid != killed["pid"], "the retry runs in a new process"
+    lines = _trial_lines(run_dir)
+    restarts = [ln for ln in lines if ln.get("iterations_since_restore") == 1 and ln["training_iteration"] > 1]
+    assert restarts, "the retry was restored from a checkpoint (training_iteration goes on)"
+    assert restarts[0]["step"] > 20, f"resumed from a step-{restarts[0]['step'] - 20} checkpoint, not from scratch"
+    final = [ln for ln in lines if ln.get("final")]
+    assert len(final) == 1 and final[0]["steps"] == 240.0
+
+    best = json.loads((tmp_path / "out" / "tune" / EXP / "best.json").read_text())
+    assert best["failed"] == {} and best["best"]["explicit-2"]["metrics"]["steps"] == 240.0
+
+    tracker = _tracker(tmp_path)
+    runs = [r for r in tracker.runs(EXP) if r.data.tags.get("ray_trial_id") == trial_id]
+    assert len(runs) == 1, "the retried trial logs into its own run: no duplicate"
+    run_ = runs[0]
+    assert run_.info.status == "FINISHED" and run_.data.tags["retried"] == "1"
+    assert "worker process has died" in run_.data.tags["last_error"], "the retry says why"
+    history = tracker.client.get_metric_history(run_.info.run_id, "val_loss")
+    by_step: dict[int, set] = {}
+    for m in history:
+        by_step.setdefault(m.step, set()).add(m.value)
+    assert max(by_step) == 240 and all(len(v) == 1 for v in by_step.values()), \
+        "a step reported by both attempts has the same value (deterministic resume)"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_finished_search_is_not_reused_when_the_data_changed(local_ray, tmp_path):
+    """A finished search must not be restored by the next run: DVC re-runs tune because a dependency changed
+    (here the data: another data.seed), and the trials must train on the new data."""
+    from pipelines import tune as tune_stage
+
+    raw = _one_experiment(**{"tune.search_space": {}, "tune.steps": 6})
+    raw["experiments"][EXP]["variants"] = {"explicit-2": {"variant": "explicit", "depth": 2}}
+    params = _prepared_project(tmp_path, raw)
+    best_file = tmp_path / "out" / "tune" / EXP / "best.json"
+    tune_stage.main(["--params", str(params), "--experiment", EXP])
+    first = json.loads(best_file.read_text())["best"]["explicit-2"]["metrics"]
+    raw["data"]["seed"] = 1
+    params = _prepared_project(tmp_path, raw)
+    tune_stage.main(["--params", str(params), "--experiment", EXP])
+    second = json.loads(best_file.read_text())["best"]["explicit-2"]["metrics"]
+    assert second["trial_id"] != first["trial_id"] and second["val_loss"] != first["val_loss"]
+    trials = [r for r in _tracker(tmp_path).runs(EXP) if "ray_trial_id" in r.data.tags]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `dvc repro` on project copies: A and C uninterrupted, B interrupted (SIGINT mid-tune) and repro'd again
+# --------------------------------------------------------------------------------------------------------------
+
+def _session_processes(sid: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(p.pid) == sid:
+                out.append(p)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return out
+
+
+def _interrupted_then_resumed(root: Path) -> dict:
+    """`dvc repro` in its own session; SIGINT to its process group (what Ctrl-C does) once a tune trial has
+    reported a checkpoint; then `dvc repro` again."""
+    log = root / "interrupted.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=root, env=env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.time() + 400
+        at = None
+        while time.time() < deadline and proc.poll() is None:
+            if any(ln.get("step") for ln in _trial_lines(root / "out" / "ray" / EXP)):
+                at = time.time()
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+            time.sleep(0.1)
+        first_rc = proc.wait(timeout=300)
+    deadline = time.time() + 30  # Ray's processes end with the stage; give them a moment
+    while _session_processes(proc.pid) and time.time() < deadline:
+        time.sleep(1)
+    leftovers = _session_processes(proc.pid)
+    for p in leftovers:  # ours (its session): end them so they do not outlive the test
+        p.kill()
+    second = run(["dvc", "repro"], root, check=False)
+    return {"interrupted": at is not None, "first_rc": first_rc, "first_log": log.read_text(),
+            "leftovers": [p.pid for p in leftovers], "second": second}
+
+
+@pytest.fixture(scope="module")
+def projects(tmp_path_factory):
+    """Three copies of the same one-experiment project, run concurrently: A and C `dvc repro` once; B is
+    interrupted and repro'd again. Returns the roots and what B went through."""
+    raw = _one_experiment(**{"tune.steps": 60, "tune.search_space": {}})
+    roots = {k: make_project(tmp_path_factory.mktemp(f"project-{k}"), raw) for k in "ABC"}
+    for root in roots.values():  # the report stage (tables, figures, a benchmark) is tested elsewhere
+        dvc = yaml.safe_load((root / "dvc.yaml").read_text())
+        del dvc["stages"]["report"], dvc["plots"]
+        (root / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+        run(["git", "commit", "-qam", "without the report stage"], root)
+    procs = {k: subprocess.Popen(["dvc", "repro"], cwd=roots[k], env=env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for k in "AC"}
+    b = _interrupted_then_resumed(roots["B"])
+    for k, proc in procs.items():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"project {k}: dvc repro exited {proc.returncode}:\n{out[-4000:]}"
+    return {**roots, "B-run": b}
+
+
+def _metrics(root: Path) -> dict:
+    return json.loads((root / "results" / "experiments" / EXP / "metrics.json").read_text())
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_same_seed_gives_the_same_metrics_and_weights(projects):
+    a, c = _metrics(projects["A"]), _metrics(projects["C"])
+    assert set(a) == {"deq", "explicit-2"} and a["deq"]["test_loglik"] is not None
+    assert _without_timing(a) == _without_timing(c)
+    assert {k for row in a for k in a[row] if a[row][k] != c[row][k]} <= TIMING
+    for variant in a:
+        wa, wc = (torch.load(p / "out" / "models" / EXP / f"{variant}.pt", weights_only=True)["state_dict"]
+                  for p in (projects["A"], projects["C"]))
+        assert wa.keys() == wc.keys() and all(torch.equal(wa[k], wc[k]) for k in wa), f"{variant}: weights differ"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_interrupted_repro_resumes_the_search_and_matches_an_uninterrupted_run(projects):
+    b, root = projects["B-run"], projects["B"]
+    assert b["interrupted"], "dvc repro finished before the interrupt:\n" + b["first_log"][-3000:]
+    assert b["first_rc"] != 0, "an interrupted tune stage must not count as done:\n" + b["first_log"][-3000:]
+    assert "interrupted: finished outputs are kept; run `dvc repro` again to continue" in b["first_log"]
+    assert f"failed to reproduce 'tune@{EXP}'" in b["first_log"] and "exited with 130" in b["first_log"]
+    assert "Running stage 'train@" not in b["first_log"]
+    assert not b["leftovers"], f"processes outlived the interrupted run: {b['leftovers']}"
+    second = b["second"]
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "Restoring the run from the latest experiment state" in second.stdout + second.stderr, "resumed"
+    assert _without_timing(_metrics(root)) == _without_timing(_metrics(projects["A"]))
+    tracker = _tracker(root)
+    runs = tracker.runs(EXP)
+    trials = [r for r in runs if "ray_trial_id" in r.data.tags]
+    assert len(trials) == 2 and len({r.data.tags["ray_trial_id"] for r in trials}) == 2, "no duplicate runs"
+    assert all(r.info.status == "FINISHED" for r in trials)
+    parents = sorted(r.info.status for r in runs if r.data.tags.get("stage") == "tune" and "ray_trial_id" not in r.data.tags)
+    assert parents == ["FINISHED", "KILLED"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["truncated", "altered", "missing"])
+def test_corrupt_prepared_data_stops_the_tune_stage_naming_the_file(projects, fault):
+    """The stage's own view: `python -m pipelines.tune` checks the Parquet files against the manifest first."""
+    root = projects["A"]
+    path = root / "data" / "prepared" / "mixture" / "train.parquet"
+    original = path.read_bytes()
+    runs_before = len(_tracker(root).runs(EXP))
+    try:
+        if fault == "truncated":
+            path.write_bytes(original[: len(original) // 2])
+        elif fault == "altered":
+            middle = len(original) // 2
+            path.write_bytes(original[:middle] + bytes([original[middle] ^ 0xFF]) + original[middle + 1:])
+        else:
+            path.unlink()
+        proc = run([sys.executable, "-m", "pipelines.tune", "--params", "params.yaml", "--experiment", EXP], root,
+                   check=False, timeout=180)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert str(path) in proc.stderr and "re-run the prepare stage" in proc.stderr and "Traceback" not in proc.stderr
+        expected = "is missing (listed in the manifest)" if fault == "missing" else "checksum mismatch for"
+        assert expected in proc.stderr, proc.stderr
+        assert len(_tracker(root).runs(EXP)) == runs_before, "no MLflow run started"
+    finally:
+        path.write_bytes(original)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_dvc_repro_rebuilds_corrupt_prepared_data_before_tune(projects):
+    """DVC's view: the prepare stage's output changed, so `dvc repro tune@...` restores it first — from DVC's
+    cache (the prepare out is cached), or by re-running prepare if the cache lacks it — and tune, whose
+    dependencies are then unchanged, is skipped."""
+    root = projects["A"]
+    path = root / "data" / "prepared" / "mixture" / "train.parquet"
+    original = path.read_bytes()
+    path.write_bytes(original[: len(original) // 2])
+    proc = run(["dvc", "repro", f"tune@{EXP}"], root)
+    out = proc.stdout + proc.stderr
+    assert "Stage 'prepare' is cached - skipping run, checking out outputs" in out, out
+    assert f"Stage 'tune@{EXP}' didn't change, skipping" in out, out
+    assert path.read_bytes() == original
+    assert "Data and pipelines are up to date" in run(["dvc", "repro"], root).stdout
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    files = [root / "results" / "experiments" / EXP / "metrics.json", *sorted((root / "out" / "models").rglob("*.pt"))]
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_params_stop_dvc_repro_before_any_work_and_keep_results(projects):
+    root = projects["C"]
+    good = (root / "params.yaml").read_text()
+    before, runs_before = _snapshot(root), len(_tracker(root).runs(EXP))
+    ray_state = sorted(p.name for p in (root / "out" / "ray" / EXP).iterdir())
+    assert len(before) == 3
+    try:
+        _write(root / "params.yaml", _set(yaml.safe_load(good), "deq.lam", 1.0))
+        proc = run(["dvc", "repro"], root, check=False)
+    finally:
+        (root / "params.yaml").write_text(good)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "error: invalid params.yaml:\n  deq.lam: Input should be greater than 1 (got 1.0)" in out, out
+    assert f"failed to reproduce 'tune@{EXP}'" in out and "exited with 2" in out and "Traceback" not in out
+    assert _snapshot(root) == before, "metrics.json and the trained models are byte-identical"
+    assert len(_tracker(root).runs(EXP)) == runs_before, "no MLflow run started"
+    assert sorted(p.name for p in (root / "out" / "ray" / EXP).iterdir()) == ray_state, "no Ray search started"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_failed_evaluate_keeps_the_previous_metrics(projects):
+    root = projects["C"]
+    good = (root / "params.yaml").read_text()
+    metrics = root / "results" / "experiments" / EXP / "metrics.json"
+    before = metrics.read_bytes()
+    try:
+        _write(root / "params.yaml", _set(yaml.safe_load(good), "eval.is_samples", 50))
+        proc = run(["dvc", "repro", "--single-item", f"evaluate@{EXP}"], root, check=False)
+        kept = metrics.exists() and metrics.read_bytes() == before
+    finally:
+        (root / "params.yaml").write_text(good)
+        if not metrics.exists():
+            metrics.write_bytes(before)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "eval.is_samples: Input should be greater than or equal to 100 (got 50)" in out
+    assert kept, "the failed evaluate stage left no metrics.json"
