@@ -18,7 +18,8 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _known(name: str, registry) -> str:
+def known_name(name: str, registry) -> str:
+    """``name`` if ``registry`` has it; else an error listing the known names."""
     if name not in registry:
         raise ValueError(f"unknown {registry.kind} {name!r}; known: {', '.join(registry.names())}")
     return name
@@ -43,17 +44,17 @@ class DEQSettings(Strict):
     @field_validator("solver")
     @classmethod
     def _solver(cls, v: str) -> str:
-        return _known(v, SOLVERS)
+        return known_name(v, SOLVERS)
 
     @field_validator("backward")
     @classmethod
     def _backward(cls, v: str) -> str:
-        return _known(v, BACKWARDS)
+        return known_name(v, BACKWARDS)
 
     @field_validator("norm")
     @classmethod
     def _norm(cls, v: str) -> str:
-        return _known(v, NORMALIZATIONS)
+        return known_name(v, NORMALIZATIONS)
 
     def model_post_init(self, __context: Any) -> None:
         unknown = set(self.solver_options) - set(solver_knobs(self.solver))
@@ -77,4 +78,4 @@ class LossSettings(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return v if v == "mle" else _known(v, LOSSES)  # "mle": maximum likelihood, for flows
+        return v if v == "mle" else known_name(v, LOSSES)  # "mle": maximum likelihood, for flows

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from deqsm.config import DEQSettings, LossSettings
+from deqsm.config import DEQSettings, LossSettings, known_name
 from deqsm.losses import LossOutput, get_loss
 from deqsm.metrics.density import (bits_per_dim, fisher_divergence, importance_log_normaliser,
                                    true_score_function)
@@ -48,9 +48,7 @@ class ExperimentSpec(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; known: {', '.join(MODELS.names())}")
-        return v
+        return known_name(v, MODELS)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ExperimentSpec":

@@ -12,11 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from deqsm.data import DATASETS, prepare_datasets
 from deqsm.data.settings import DataSettings, describe
+from pipelines import read_params_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,14 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_data_settings(path: Path) -> DataSettings:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"params file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = read_params_file(path)
     try:
         return DataSettings.model_validate(raw.get("data") or {})
     except ValidationError as err:

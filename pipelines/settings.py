@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from deqsm.config import DEQSettings, LossSettings
+from deqsm.config import DEQSettings, LossSettings, known_name
 from deqsm.data.settings import DataSettings
 from deqsm.train import TrainSettings
+from pipelines import ParamsError, read_params_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,9 +76,7 @@ class ExperimentSettings(Strict):
     def _model(cls, v: str) -> str:
         from deqsm.models import MODELS
 
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; known: {', '.join(MODELS.names())}")
-        return v
+        return known_name(v, MODELS)
 
     @field_validator("variants")
     @classmethod
@@ -201,10 +199,6 @@ class Settings(Strict):
         return self.path(self.base.results, "experiments", name)
 
 
-class ParamsError(ValueError):
-    """params.yaml is missing, unreadable or invalid; the message names the key."""
-
-
 def _unknown_key(loc: tuple, root: type[BaseModel]) -> str:
     """'unknown key; known: ...' for the key at ``loc`` under ``root`` (walks fields, ``X | None`` and
     ``dict[str, X]`` down to the class that holds it)."""
@@ -242,14 +236,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     path = Path(path)
     if not path.is_absolute() and not path.exists():
         path = ROOT / path
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ParamsError(f"params file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = read_params_file(path)
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     try:
