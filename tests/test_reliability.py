@@ -6,8 +6,8 @@ on 127.0.0.1, checkpoints loaded with weights_only, no eval / pickle of user fil
 Layout (about 3 minutes on 2 idle cores, 5 on busy ones): fast checks first; then one local Ray in this
 process for the trial faults (tune stage called in-process); then three copies of a one-experiment project
 run `dvc repro` concurrently — A and C uninterrupted, B interrupted with SIGINT and repro'd again — and A / B /
-C then serve the determinism, resume, data-fault and bad-params-under-DVC checks. Two xfail(strict) tests
-record known issues left open (see their reasons); they turn into failures once fixed, to be unmarked.
+C then serve the determinism, resume, data-fault and bad-params-under-DVC checks. One xfail(strict) test
+records a known issue left open (see its reason); it turns into a failure once fixed, to be unmarked.
 """
 from __future__ import annotations
 
@@ -191,8 +191,6 @@ def test_checkpoints_with_pickled_objects_are_refused(tmp_path):
     assert load_checkpoint(good)["step"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="known issue, not fixed here (deqsm/data is outside this change): with "
-                   "verify_md5: false the CIFAR-10 loader hands unverified files to torchvision, which pickle.loads them")
 def test_cifar10_without_md5_check_does_not_unpickle_arbitrary_files(tmp_path):
     from deqsm.data import prepare_datasets
     from deqsm.data.settings import DataSettings

@@ -9,6 +9,7 @@ logit transform y = logit(α + (1 − 2α) u) (NICE), binarisation (VAE), or sca
 from __future__ import annotations
 
 import gzip
+import pickle
 import shutil
 import tempfile
 from importlib import resources
@@ -164,6 +165,35 @@ class Verified(OfficialSplitImages):
                              f"not match its published MD5s; set verify_md5: false to accept other copies") from None
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: any other global (a class, a function such as
+    os.system) is refused, so a crafted file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise ValueError(f"refusing to unpickle {module}.{name}: a CIFAR batch holds only arrays and lists")
+        return super().find_class(module, name)
+
+
+def read_cifar_batches(folder: Path, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR python batches → (N, 3, 32, 32) uint8 images and int64 labels, without running pickled code."""
+    xs, ys = [], []
+    for name in names:
+        with open(folder / name, "rb") as f:
+            try:
+                entry = _ArrayUnpickler(f, encoding="latin1").load()
+            except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as err:
+                raise ValueError(f"{folder / name} is not a CIFAR batch: {err}") from None
+        if not isinstance(entry, dict) or "data" not in entry or not ({"labels", "fine_labels"} & set(entry)):
+            raise ValueError(f"{folder / name} is not a CIFAR batch (no data / labels entries)")
+        xs.append(np.asarray(entry["data"], np.uint8))
+        ys.extend(entry.get("labels", entry.get("fine_labels")))
+    return np.vstack(xs).reshape(-1, 3, 32, 32), np.asarray(ys, np.int64)
+
+
 @DATASETS.register("cifar10")
 class CIFAR10(Verified):
     """CIFAR-10 (torchvision): the python pickle batches in ``<raw_root>/cifar-10-batches-py``."""
@@ -178,22 +208,16 @@ class CIFAR10(Verified):
 
         verify = self.verify_md5
 
-        class Files(TorchCIFAR10):
-            def _check_integrity(self) -> bool:
-                if verify:
-                    return super()._check_integrity()
-                return all((Path(self.root) / self.base_folder / f).is_file() for f, _ in self.train_list + self.test_list)
-
-            def _load_meta(self) -> None:
-                if verify:
-                    return super()._load_meta()
-                self.classes = CIFAR10_CLASSES
-
         files = self.raw_files(ctx.raw_root)
         fetch(ctx, files, lambda: TorchCIFAR10(str(ctx.raw_root), download=True))
-        train, test = (self.open(ctx, files.folder, lambda: Files(str(ctx.raw_root), train=t)) for t in (True, False))
-        tr_x, te_x = (np.asarray(d.data).transpose(0, 3, 1, 2) for d in (train, test))  # HWC → CHW
-        tr_y, te_y = (np.asarray(d.targets, np.int64) for d in (train, test))
+        if verify:  # torchvision unpickles only files whose MD5s match the published ones
+            train, test = (self.open(ctx, files.folder, lambda: TorchCIFAR10(str(ctx.raw_root), train=t))
+                           for t in (True, False))
+            tr_x, te_x = (np.asarray(d.data).transpose(0, 3, 1, 2) for d in (train, test))  # HWC → CHW
+            tr_y, te_y = (np.asarray(d.targets, np.int64) for d in (train, test))
+        else:  # unverified copies: a restricted unpickler that can build arrays and nothing else
+            (tr_x, tr_y), (te_x, te_y) = (read_cifar_batches(files.folder, names)
+                                          for names in (self.FILES[:5], self.FILES[5:6]))
         i_tr, i_va, i_te = self.select(ctx, len(tr_x), len(te_x))
         return self.finish(ctx, {"train": tr_x[i_tr], "val": tr_x[i_va], "test": te_x[i_te]},
                            {"train": tr_y[i_tr], "val": tr_y[i_va], "test": te_y[i_te]}, 256,
