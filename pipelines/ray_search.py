@@ -217,6 +217,7 @@ class SearchOutcome:
     best: dict[str, dict]        # variant → {"config": trial config, "metrics": last result}
     failed: dict[str, list[str]]  # variant → failure reasons
     n_trials: int
+    parent_run_id: str            # the MLflow run the trials are nested under (a resumed search keeps its first)
 
 
 def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict], splits: dict,
@@ -241,14 +242,20 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
                                  .encode()).hexdigest()
     # The marker exists only while a search is unfinished (removed below once tuner.fit has run to the end).
     marker = storage / f"{name}.fingerprint"
+    parent_file = storage / f"{name}.parent"  # the MLflow parent run the (restored) trial logger nests under
+    trials_parent = parent_run_id
     callback = MlflowTrialLogger(tracker, settings.tracking.experiment_prefix + experiment, parent_run_id, base_configs,
                                  provenance_tags(settings.base.device, settings.root))
     if (marker.exists() and marker.read_text() == fingerprint and tune.Tuner.can_restore(str(run_dir))):
-        # An interrupted search with the same configuration: finish it instead of starting over.
+        # An interrupted search with the same configuration: finish it instead of starting over. Ray restores
+        # the saved trial logger too, which keeps nesting trials under the first attempt's parent run.
+        if parent_file.exists():
+            trials_parent = parent_file.read_text().strip()
         tuner = tune.Tuner.restore(str(run_dir), trainable=trainable, resume_errored=True, param_space=param_space)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
         marker.write_text(fingerprint)
+        parent_file.write_text(parent_run_id)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
@@ -286,4 +293,4 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
             best[variant] = {"config": apply_sample(base_configs[variant], sample), "sample": sample,
                              "metrics": {k: v for k, v in result.metrics.items()
                                          if isinstance(v, (int, float, str)) and k != "config"}}
-    return SearchOutcome(best, failed, len(grid))
+    return SearchOutcome(best, failed, len(grid), trials_parent)

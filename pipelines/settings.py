@@ -129,7 +129,8 @@ class TuneSettings(Strict):
         default_factory=dict, description="dotted key (deq.*, train.*, loss.options.*, model_options.*) → dimension")
     num_samples: int = Field(1, ge=1)
     scheduler: Literal["fifo", "asha"] = "fifo"
-    metric: str = "val_loss"
+    metric: str = Field("val_loss", description="a metric every trial reports: val_loss (the best validation "
+                        "loss), val_<term>, train_<term>, step_ms_median, peak_bytes or params")
     mode: Literal["min", "max"] = "min"
     max_concurrent: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
@@ -139,6 +140,14 @@ class TuneSettings(Strict):
     address: str | None = Field(None, description="Ray cluster to join; RAY_ADDRESS overrides; null: local")
     num_cpus: int | None = Field(2, ge=1, description="CPUs of a local Ray instance")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray instance (null: detect)")
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in ("step_ms_median", "peak_bytes", "params") and not v.startswith(("val_", "train_")):
+            raise ValueError(f"unknown tune metric {v!r}; trials report val_loss, val_<term>, train_<term>, "
+                             "step_ms_median, peak_bytes and params")
+        return v
 
     @field_validator("search_space")
     @classmethod

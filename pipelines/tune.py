@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
             # The stage succeeds while each experiment has a finished trial; variants without one are
             # reported (and left out of the train stage), an experiment without any fails the stage.
             tracker.end_run(parent, "FINISHED" if outcome.best else "FAILED", failure_reason=reason)
+            if outcome.parent_run_id != parent:  # a resumed search: its trials sit under the first attempt's run
+                tracker.set_tags(parent, {"resumed_search_parent": outcome.parent_run_id})
+                tracker.set_tags(outcome.parent_run_id, {"resumed_by": parent})
+                tracker.end_run(outcome.parent_run_id, "FINISHED" if outcome.best else "FAILED", failure_reason=reason)
             if not outcome.best:
                 failures.append(f"{name}: no trial finished — {reason}")
             elif missing:
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             exp_dir = out_dir / name
             exp_dir.mkdir(parents=True, exist_ok=True)
             (exp_dir / "best.json").write_text(json.dumps(
-                {"experiment": name, "parent_run_id": parent, "trials": outcome.n_trials,
+                {"experiment": name, "parent_run_id": outcome.parent_run_id, "trials": outcome.n_trials,
                  "failed": outcome.failed, "best": outcome.best}, indent=2, sort_keys=True, default=str))
             print(f"{name}: {outcome.n_trials} trials, best per variant: "
                   + ", ".join(f"{v}={b['metrics'].get(settings.tune.metric):.4g}" for v, b in sorted(outcome.best.items())),

@@ -555,8 +555,14 @@ def test_interrupted_repro_resumes_the_search_and_matches_an_uninterrupted_run(p
     trials = [r for r in runs if "ray_trial_id" in r.data.tags]
     assert len(trials) == 2 and len({r.data.tags["ray_trial_id"] for r in trials}) == 2, "no duplicate runs"
     assert all(r.info.status == "FINISHED" for r in trials)
-    parents = sorted(r.info.status for r in runs if r.data.tags.get("stage") == "tune" and "ray_trial_id" not in r.data.tags)
-    assert parents == ["FINISHED", "KILLED"]
+    parents = {r.info.run_id: r for r in runs if r.data.tags.get("stage") == "tune" and "ray_trial_id" not in r.data.tags}
+    assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents.values())
+    first = {r.data.tags["mlflow.parentRunId"] for r in trials}
+    assert len(first) == 1, "the resumed trials stay under one parent run"
+    (first,) = first
+    (second_parent,) = set(parents) - {first}
+    assert parents[first].data.tags["resumed_by"] == second_parent, "the interrupted attempt links its resumption"
+    assert parents[second_parent].data.tags["resumed_search_parent"] == first
 
 
 @pytest.mark.integration

@@ -39,6 +39,7 @@ def test_shipped_params_are_valid_and_compare_deq_with_explicit():
     (lambda r: r["deq"].update(solver_options={"memry": 3}), "unknown solver_options ['memry']"),
     (lambda r: r["train"].update(lr=-1), "train.lr: Input should be greater than 0"),
     (lambda r: r["tune"].update(scheduler="hyperband"), "tune.scheduler"),
+    (lambda r: r["tune"].update(metric="loss"), "tune.metric: unknown tune metric 'loss'"),
     (lambda r: r["tune"]["search_space"].update({"optimizer.lr": {"grid": [1]}}), "must start with one of"),
     (lambda r: r["tune"]["search_space"].update({"train.lr": {"uniform": [1, 0]}}), "low < high"),
     (lambda r: r["tune"]["search_space"].update({"train.lr": {"grid": [1], "choice": [2]}}), "exactly one of"),
