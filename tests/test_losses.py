@@ -3,7 +3,6 @@ import pytest
 import torch
 from torch import nn
 
-from deqsm.deq import DEQ, SoftplusCell
 from deqsm.losses import LOSSES, get_loss, get_score_loss
 from deqsm.models.energy_mlp import DEQEnergyMLP, ExplicitEnergyMLP
 from deqsm.registry import UnknownNameError

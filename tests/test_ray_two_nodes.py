@@ -5,10 +5,7 @@ end every Ray process on the machine)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,15 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_project import env, tiny_params
+from pipeline_project import env, free_port, stop_group, tiny_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
@@ -34,21 +25,11 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env(), start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
 @pytest.fixture
 def two_node_cluster(tmp_path):
     import ray
 
-    port = _free_port()
+    port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     head = _start(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
                    "--include-dashboard=false", "--resources={\"head\": 1}", f"--temp-dir={temp_dir}"],
@@ -78,8 +59,8 @@ def two_node_cluster(tmp_path):
         yield address
     finally:
         if worker is not None:
-            _stop(worker)
-        _stop(head)
+            stop_group(worker)
+        stop_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -16,7 +16,6 @@ import os
 import pickle
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline_project import ROOT, env, make_project, run, tiny_params
+from pipeline_project import ROOT, env, free_port, make_project, run, stop_group, tiny_params
 from pipelines.settings import ParamsError, load_params
 
 EXP = "dkef-mixture"
@@ -220,15 +219,9 @@ def _listening(pids: set[int]) -> list[tuple[str, int, str]]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_make_ui_serves_mlflow_on_loopback_only(tmp_path):
-    port = _free_port()
+    port = free_port()
     dry = subprocess.run(["make", "-n", "ui", f"MLFLOW_PORT={port}"], cwd=ROOT, env=env(), capture_output=True,
                          text=True, timeout=60)
     line = next(ln for ln in dry.stdout.splitlines() if ln.lstrip().startswith("mlflow ui"))
@@ -247,12 +240,7 @@ def test_make_ui_serves_mlflow_on_loopback_only(tmp_path):
         assert any(p == port for _, p, _ in found), f"the UI did not listen on {port}: {found}"
         assert {ip for ip, _, _ in found} <= {"127.0.0.1", "::1"}, found
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+        stop_group(server, timeout=30)
 
 
 # --------------------------------------------------------------------------------------------------------------

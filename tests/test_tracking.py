@@ -1,8 +1,6 @@
 """MLflow tracking against a real `mlflow server` on 127.0.0.1 (SQLite store), stopped by its PID."""
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,19 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from pipeline_project import free_port, stop_group
+
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen(
         [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--host", "127.0.0.1",
@@ -42,8 +36,7 @@ def mlflow_server(tmp_path_factory):
             raise RuntimeError("mlflow server did not become healthy:\n" + (root / "server.log").read_text()[-2000:])
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: the group we started
-        proc.wait(timeout=30)
+        stop_group(proc, timeout=30)  # the server and its workers: the group we started
 
 
 def test_nested_runs_params_metrics_and_failure(mlflow_server, tmp_path):
