@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 from deqsm.data import DATASETS, DataSettings, load_split, prepare_datasets, read_manifest, true_density
 from deqsm.registry import UnknownNameError
 
-REAL = ["celeba64", "cifar10", "mnist", "parkinsons", "redwine", "whitewine"]
+REAL = ["celeba64", "cifar10", "hepmass", "miniboone", "mnist", "parkinsons", "redwine", "whitewine"]
 
 
 def prepare(tmp_path, datasets, seed=0):
@@ -35,7 +35,8 @@ def test_import_deqsm_data_does_not_import_ray_mlflow_dvc():
 
 
 @pytest.mark.parametrize("data,pattern", [
-    ({"datasets": {"mnits": {}}}, r"unknown dataset 'mnits'; known: celeba64, cifar10, digits, gaussian, mixture"),
+    ({"datasets": {"mnits": {}}}, r"unknown dataset 'mnits'; known: celeba64, cifar10, digits, gaussian, "
+                                  r"hepmass, miniboone, mixture"),
     ({"datasets": {"x": {"dataset": "nope"}}}, r"unknown dataset 'nope'; known: "),
     ({"datasets": {"digits": {"dequantise": True}}}, r"digits: unknown option 'dequantise'; valid: dataset, scale, "
                                                      r"dequantize, logit_alpha, binarize, val_fraction, test_fraction"),

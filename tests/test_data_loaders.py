@@ -1,10 +1,12 @@
-"""The real loaders (MNIST, CIFAR-10, CelebA 64, UCI wine and Parkinsons) on small files written here in
-the real formats — IDX (gz and uncompressed), CIFAR pickle batches, a CelebA image folder with its list
-files, UCI CSVs — through the same code that reads the real datasets; and missing files fail with an
-error naming the dataset, the folder and the files, leaving no output."""
+"""The real loaders (MNIST, CIFAR-10, CelebA 64, UCI wine, Parkinsons, HEPMASS and MiniBooNE) on small
+files written here in the real formats — IDX (gz and uncompressed), CIFAR pickle batches, a CelebA image
+folder with its list files, UCI CSVs, HEPMASS CSVs (plain and .gz), MiniBooNE_PID.txt — through the same
+code that reads the real datasets; and missing files fail with an error naming the dataset, the folder
+and the files, leaving no output."""
 import gzip
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from deqsm.data import (Context, DataSettings, MissingDataError, RawFiles, load_
                         read_manifest)
 from deqsm.data.base import fetch
 from deqsm.data.images import CIFAR10_CLASSES
+from deqsm.data.tabular import UCI
 
 
 def prepare(tmp_path, datasets, **data):
@@ -261,6 +264,195 @@ def test_csv_with_the_wrong_layout_names_the_file(tmp_path):
         prepare(tmp_path, {"redwine": {}})
 
 
+# --- HEPMASS and MiniBooNE: MAF's row and column selection ------------------------------------------
+
+HEPMASS_HEADER = ["# label"] + [f"f{j}" for j in range(27)] + ["mass"]
+
+
+def hepmass_rows(rng, n, signal):
+    """Features of the HEPMASS 1000 files' kind: continuous columns, f3 clipped at its minimum, f7 with
+    three levels, f11 piled up at 0.5 inside its range (not at its minimum), mass 1000 everywhere."""
+    x = rng.normal(0, 1, (n, 28)) + 10 * (~signal)[:, None]       # background rows sit far away
+    x[:, 3] = np.maximum(x[:, 3], 0.0)
+    x[:, 7] = rng.integers(0, 3, n)
+    x[:, 11] = np.where(rng.random(n) < 0.3, 0.5, x[:, 11])
+    x[:, 27] = 1000.0
+    return x
+
+
+def write_hepmass(raw, n_train=300, n_test=100, gz=False):
+    rng = np.random.default_rng(5)
+    (raw / "uci").mkdir(parents=True, exist_ok=True)
+    tables = {}
+    for file, n in (("1000_train.csv", n_train), ("1000_test.csv", n_test)):
+        signal = np.arange(n) % 3 != 0                              # 2 of every 3 rows
+        x = hepmass_rows(rng, n, signal)
+        text = ",".join(HEPMASS_HEADER) + "\n" + "".join(
+            f"{int(s)}.0," + ",".join(f"{v:.6g}" for v in row) + "\n" for s, row in zip(signal, x))
+        path = raw / "uci" / (file + ".gz" if gz else file)
+        if gz:
+            path.write_bytes(gzip.compress(text.encode()))
+        else:
+            path.write_text(text)
+        tables[file] = (np.array([[float(f"{v:.6g}") for v in row] for row in x]), signal.astype(int))
+    return tables
+
+
+def rows_of(arrays):
+    return sorted(map(tuple, np.concatenate(arrays).round(6)))
+
+
+HEPMASS_KEPT = [f"f{j}" for j in range(27) if j not in (3, 7)]       # f3, f7 and mass dropped: 25 columns
+
+
+def test_hepmass_keeps_the_signal_events_and_drops_columns_with_a_repeated_smallest_value(tmp_path):
+    tables = write_hepmass(tmp_path / "raw")
+    root = prepare(tmp_path, {"hepmass": {"whiten": False, "noise_std": 0.0, "dtype": "float64"},
+                              "hepmass_mode": {"dataset": "hepmass", "repeated_value": "most_common",
+                                               "whiten": False, "noise_std": 0.0, "dtype": "float64"}})
+    m = read_manifest(root, "hepmass")
+    assert m["columns"] == HEPMASS_KEPT and m["shape"] == [25] and not m["labels"]
+    assert m["info"]["dropped_columns"] == ["f3", "f7", "mass"]
+    assert [m["splits"][k]["rows"] for k in ("train", "val", "test")] == [180, 20, 66]  # val: 200 // 10; test file
+    s = split_arrays(root, "hepmass")
+    cols = [j for j in range(28) if j not in (3, 7, 27)]
+    (x, label), (xt, label_t) = tables["1000_train.csv"], tables["1000_test.csv"]
+    assert rows_of([s["train"].x.numpy(), s["val"].x.numpy()]) == rows_of([x[label == 1][:, cols]])
+    assert rows_of([s["test"].x.numpy()]) == rows_of([xt[label_t == 1][:, cols]])
+    mode = read_manifest(root, "hepmass_mode")                  # the most common value: f11 goes as well
+    assert mode["info"]["dropped_columns"] == ["f3", "f7", "f11", "mass"] and mode["shape"] == [24]
+
+
+def test_hepmass_all_events_keep_the_class_as_label_and_gz_files_are_read(tmp_path):
+    tables = write_hepmass(tmp_path / "raw", gz=True)
+    root = prepare(tmp_path, {"hepmass": {"events": "all", "max_repeats": None, "whiten": False,
+                                          "noise_std": 0.0, "dtype": "float64"}})
+    m = read_manifest(root, "hepmass")
+    assert m["shape"] == [28] and m["columns"] == HEPMASS_HEADER[1:] and m["info"]["dropped_columns"] == []
+    assert [m["splits"][k]["rows"] for k in ("train", "val", "test")] == [270, 30, 100]
+    assert m["source"]["files"].keys() == {"uci/1000_train.csv.gz", "uci/1000_test.csv.gz"}
+    s = split_arrays(root, "hepmass")
+    for k in s:                                                  # background rows sit at +10
+        assert np.array_equal(s[k].y.numpy(), (s[k].x.numpy()[:, 0] < 5).astype(int))
+    assert sum(s[k].y.sum().item() for k in ("train", "val")) == tables["1000_train.csv"][1].sum()
+
+
+def write_miniboone(raw, n_signal=120, n_background=180, outliers=(4, 50, 200), bad_row=None, counts=None):
+    """MiniBooNE_PID.txt: the counts line, then rows of 50 numbers in the file's %E format. Column 5 is
+    clipped at 0, column 9 is 0 (its minimum) in 90% of rows, column 20 piles up at 0.5 inside its range;
+    the ``outliers`` rows (two signal, one background) hold -999 everywhere."""
+    rng = np.random.default_rng(6)
+    n = n_signal + n_background
+    x = rng.normal(0, 1, (n, 50)) + 10 * (np.arange(n) >= n_signal)[:, None]
+    x[:, 5] = np.maximum(x[:, 5], 0.0)
+    x[:, 9] = np.where(rng.random(n) < 0.9, 0.0, np.abs(x[:, 9]) + 0.1)
+    x[:, 20] = np.where(rng.random(n) < 0.3, 0.5, x[:, 20])
+    x[list(outliers)] = -999.0
+    lines = [counts or f"    {n_signal}    {n_background}"]
+    lines += [" " + " ".join(f"{v:.5E}" for v in (row[:-1] if i == bad_row else row)) for i, row in enumerate(x)]
+    (raw / "uci").mkdir(parents=True, exist_ok=True)
+    (raw / "uci" / "MiniBooNE_PID.txt").write_text("\n".join(lines) + "\n")
+    return np.array([[float(f"{v:.5E}") for v in row] for row in x])
+
+
+def test_miniboone_drops_outlier_rows_and_repeated_columns_and_splits_like_maf(tmp_path):
+    x = write_miniboone(tmp_path / "raw")
+    root = prepare(tmp_path, {"miniboone": {"whiten": False, "noise_std": 0.0, "dtype": "float64"}})
+    m = read_manifest(root, "miniboone")
+    assert m["shape"] == [48] and m["info"]["dropped_columns"] == ["f5", "f9"] and not m["labels"]
+    assert m["info"]["outlier_rows_dropped"] == 3
+    # 118 signal rows left: test ⌊118/10⌋ = 11 (no test_max), val ⌊107/10⌋ = 10
+    assert [m["splits"][k]["rows"] for k in ("train", "val", "test")] == [97, 10, 11]
+    s = split_arrays(root, "miniboone")
+    signal = np.array([i for i in range(120) if i not in (4, 50)])
+    cols = [j for j in range(50) if j not in (5, 9)]
+    assert rows_of([s[k].x.numpy() for k in s]) == rows_of([x[signal][:, cols]])
+
+
+def test_miniboone_all_events_and_options(tmp_path):
+    write_miniboone(tmp_path / "raw")
+    root = prepare(tmp_path, {"miniboone": {"events": "all", "whiten": False, "noise_std": 0.0},
+                              "mb_keep": {"dataset": "miniboone", "outlier_value": None, "max_repeats": None,
+                                          "whiten": False, "noise_std": 0.0, "test_max": 5}})
+    m = read_manifest(root, "miniboone")
+    assert sum(m["splits"][k]["rows"] for k in m["splits"]) == 297 and m["shape"] == [48]
+    s = split_arrays(root, "miniboone")
+    for k in s:                                                  # background rows sit at +10
+        assert np.array_equal(s[k].y.numpy(), (s[k].x.numpy()[:, 0] < 5).astype(int))
+    keep = read_manifest(root, "mb_keep")
+    assert keep["shape"] == [50] and keep["info"]["outlier_rows_dropped"] == 0
+    assert [keep["splits"][k]["rows"] for k in ("train", "val", "test")] == [104, 11, 5]   # 120 signal rows
+    assert min(v.x.numpy().min() for v in split_arrays(root, "mb_keep").values()) == -999.0
+
+
+@pytest.mark.parametrize("name", ["hepmass", "miniboone"])
+def test_maf_sets_are_whitened_on_train_finite_and_seeded(tmp_path, name):
+    if name == "hepmass":
+        write_hepmass(tmp_path / "raw", n_train=600)
+    else:
+        write_miniboone(tmp_path / "raw", n_signal=400)
+    datasets = {name: {"noise_std": 0.0}, f"{name}_noisy": {"dataset": name}}   # noise 0.05, the same split
+    runs = {out: prepare_datasets(DataSettings(root=str(tmp_path / out), raw_root=str(tmp_path / "raw"), seed=seed,
+                                               datasets=datasets))
+            for seed, out in ((0, "a"), (0, "b"), (1, "c"))}
+    train = load_split(tmp_path / "a", name, "train").x.double()
+    cov = (train - train.mean(0)).T @ (train - train.mean(0)) / len(train)
+    assert train.mean(0).abs().max() < 1e-5 and (cov - torch.eye(train.shape[1], dtype=cov.dtype)).abs().max() < 1e-4
+    for k in ("train", "val", "test"):
+        noisy = load_split(tmp_path / "a", f"{name}_noisy", k).x
+        assert noisy.dtype == torch.float32 and torch.isfinite(noisy).all()
+        assert abs((noisy.double() - load_split(tmp_path / "a", name, k).x.double()).std() - 0.05) < 0.01
+    assert runs["a"][name]["splits"] == runs["b"][name]["splits"]                   # same seed, same files
+    assert runs["a"][name]["splits"]["train"]["sha256"] != runs["c"][name]["splits"]["train"]["sha256"]
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"bad_row": 7}, r"MiniBooNE_PID.txt: not rows of 50 whitespace-separated numbers"),
+    ({"counts": "36499"}, r"MiniBooNE_PID.txt: its first line '36499' is not two counts"),
+    ({"counts": "120 181"}, r"MiniBooNE_PID.txt: 300 rows of 50 numbers; its first line announces 120 \+ 181 rows"),
+])
+def test_garbled_miniboone_names_the_file(tmp_path, kwargs, pattern):
+    write_miniboone(tmp_path / "raw", **kwargs)
+    with pytest.raises(ValueError, match=pattern):
+        prepare(tmp_path, {"miniboone": {}})
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_garbled_hepmass_names_the_file(tmp_path):
+    write_hepmass(tmp_path / "raw")
+    train = tmp_path / "raw" / "uci" / "1000_train.csv"
+    text = train.read_text().splitlines()
+    train.write_text("\n".join(text[:5] + [text[5].rsplit(",", 1)[0]] + text[6:]) + "\n")   # a short row
+    with pytest.raises(ValueError, match=r"1000_train.csv: not a ','-separated table of the 29 columns"):
+        prepare(tmp_path, {"hepmass": {}})
+    train.write_text("\n".join(["label;" + ";".join(HEPMASS_HEADER[1:])] + text[1:]) + "\n")
+    with pytest.raises(ValueError, match=r"1000_train.csv: header .* does not start with '# label'"):
+        prepare(tmp_path, {"hepmass": {}})
+    train.write_text("\n".join(text[:3] + [text[3].replace(",", ",nan,", 1).rsplit(",", 1)[0]] + text[4:]) + "\n")
+    with pytest.raises(ValueError, match=r"1000_train.csv: row 4 holds a non-finite value"):
+        prepare(tmp_path, {"hepmass": {}})
+    write_hepmass(tmp_path / "raw")
+    test = tmp_path / "raw" / "uci" / "1000_test.csv"
+    test.write_text(test.read_text().replace(",mass\n", ",m\n", 1))
+    with pytest.raises(ValueError, match=r"1000_test.csv: columns .* differ from those of .*1000_train.csv"):
+        prepare(tmp_path, {"hepmass": {}})
+
+
+def test_hepmass_download_saves_the_served_gz_names(tmp_path, monkeypatch):
+    write_hepmass(tmp_path / "served", gz=True)
+    fetched = []
+
+    def download_url(url, root, filename):                      # stands in for the network
+        fetched.append(url)
+        (Path(root) / filename).write_bytes((tmp_path / "served" / "uci" / filename).read_bytes())
+
+    monkeypatch.setattr("torchvision.datasets.utils.download_url", download_url)
+    (tmp_path / "raw" / "uci").mkdir(parents=True)
+    root = prepare(tmp_path, {"hepmass": {}}, download=True)
+    assert fetched == [UCI + "00347/1000_train.csv.gz", UCI + "00347/1000_test.csv.gz"]
+    assert read_manifest(root, "hepmass")["shape"] == [25]
+
+
 # --- missing files ---------------------------------------------------------------------------------
 
 MISSING = {
@@ -271,6 +463,8 @@ MISSING = {
     "redwine": ("uci", ["winequality-red.csv"]),
     "whitewine": ("uci", ["winequality-white.csv"]),
     "parkinsons": ("uci", ["parkinsons.data"]),
+    "hepmass": ("uci", ["1000_train.csv or 1000_train.csv.gz", "1000_test.csv or 1000_test.csv.gz"]),
+    "miniboone": ("uci", ["MiniBooNE_PID.txt"]),
 }
 
 
