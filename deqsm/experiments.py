@@ -37,7 +37,7 @@ class ExperimentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    model: str = Field(description="MODELS registry name: dkef | nice | energy_mlp")
+    model: str = Field(description="MODELS registry name: dkef | nice | energy_mlp | vae | ncsn")
     variant: Literal["deq", "explicit"]
     depth: int = Field(2, ge=1, description="hidden layers of an explicit net (ignored by deq)")
     width: int = Field(64, ge=1, description="hidden width (DKEF feature net, NICE coupling nets, energy MLP)")
@@ -81,6 +81,19 @@ class EvalOptions(BaseModel):
     logit_alpha: float | None = Field(None, ge=0, lt=0.5, description="the data's logit squeeze α (NICE bits/dim)")
     pixel_levels: int = Field(256, ge=2, description="pixel levels behind the dequantised data (NICE bits/dim)")
     seed: int = 0
+    # generative models (VAE: ELBO; NCSN: Langevin samples and their Fréchet distance)
+    elbo_centres: int = Field(512, ge=2, description="VAE: encoder samples per test x for the KDE of q(z|x)")
+    elbo_eval: int = Field(128, ge=1, description="VAE: samples per test x for the bandwidth choice and the estimate")
+    iw_samples: int = Field(0, ge=0, description="VAE: draws for the importance-weighted bound (0: off)")
+    memory_batch: int = Field(64, ge=1, description="VAE: batch of the measured score-network step")
+    fd_extractor: Literal["auto", "inception", "digits_cnn"] = Field(
+        "auto", description="NCSN: FD features (auto: Inception when its weights are on disk, else the digits CNN)")
+    inception_weights: str | None = Field(None, description="NCSN: Inception-v3 weights file (never downloaded)")
+    fd_samples: int | None = Field(None, ge=2, description="NCSN: samples for the FD (null: the test-set size)")
+    langevin_steps: int = Field(20, ge=1, description="NCSN: annealed Langevin steps per noise level")
+    langevin_lr: float = Field(5e-5, gt=0, description="NCSN: Langevin step size at the smallest σ")
+    classifier_epochs: int = Field(15, ge=1, description="NCSN: epochs of the digits CNN behind fd_digits_cnn")
+    pixel_range: Literal["unit", "symmetric"] = Field("unit", description="NCSN: data range [0, 1] or [−1, 1]")
 
 
 def _energy_objective(name: str, options: dict[str, Any] | None = None) -> Objective:
@@ -157,8 +170,19 @@ def _batched_mean(fn, data: Tensor, batch_size: int) -> tuple[float, float]:
 
 
 def evaluate(spec: ExperimentSpec, model: nn.Module, splits: dict[str, Tensor], eval_options: dict | None = None,
-             true_density: Any = None) -> dict[str, float]:
-    """Test metrics of a trained (finalised) model.
+             true_density: Any = None, labels: dict[str, Tensor] | None = None) -> dict[str, float]:
+    """Test metrics of a trained (finalised) model (:func:`evaluate_with_samples` without the samples)."""
+    return evaluate_with_samples(spec, model, splits, eval_options, true_density, labels)[0]
+
+
+def evaluate_with_samples(spec: ExperimentSpec, model: nn.Module, splits: dict[str, Tensor],
+                          eval_options: dict | None = None, true_density: Any = None,
+                          labels: dict[str, Tensor] | None = None) -> tuple[dict[str, float], Tensor | None]:
+    """Test metrics of a trained (finalised) model, and samples (images in [0, 1]) when the model makes them.
+
+    A model with its own evaluation (``MODELS`` entry ``evaluate``: the VAE's ELBO, NCSN's Fréchet
+    distance of Langevin samples, see :mod:`deqsm.models.generative`) is evaluated by it, plus ``params``;
+    ``labels`` (per split, when the data have them) reach it. Energy models get:
 
     - ``params``; ``test_loss`` (the spec's loss) and its terms; ``test_ssm_loss``; ``test_sm_loss``
       (when the dimension is at most ``sm_max_dim``);
@@ -175,6 +199,11 @@ def evaluate(spec: ExperimentSpec, model: nn.Module, splits: dict[str, Tensor], 
     test = splits["test"].to(device)
     dim = test[0].numel()
     gen = lambda dev="cpu": torch.Generator(device=dev).manual_seed(opts.seed)  # noqa: E731 — same draws for every model
+    entry = _entry(spec)
+    if entry.evaluate is not None:
+        torch.manual_seed(opts.seed)
+        metrics, images = entry.evaluate(model, splits, opts, spec, labels)
+        return {"params": float(count_parameters(model)), **metrics}, images
     was_training = model.training
     model.eval()
     torch.manual_seed(opts.seed)  # the losses' own draws (dsm noise): reproducible across models
@@ -211,7 +240,7 @@ def evaluate(spec: ExperimentSpec, model: nn.Module, splits: dict[str, Tensor], 
                 lp = true_density.log_prob(test.cpu())
             out["true_test_loglik"] = float((lp.flatten(1).sum(1) if lp.dim() > 1 else lp).double().mean())
     model.train(was_training)
-    return out
+    return out, None
 
 
 class SolverRecorder(Callback):

@@ -37,7 +37,10 @@ def _flat_grad(model: nn.Module, objective: Callable[[nn.Module, Tensor], LossOu
 
 def _score(model: nn.Module, x: Tensor) -> Tensor | None:
     x = x.detach().requires_grad_(True)
-    e = model(x)
+    try:
+        e = model(x)
+    except (TypeError, NotImplementedError):  # not an energy model (a VAE, a noise-conditional score net)
+        return None
     if e.dim() != 1 or e.shape[0] != x.shape[0]:
         return None
     return -torch.autograd.grad(e.sum(), x)[0]

@@ -1,6 +1,8 @@
 """DVC stage `evaluate`: test metrics of every trained variant of one experiment (log-likelihood, its
-standard error, SSM/SM test losses, bits/dim, ...) with the cost figures of its training (peak memory,
-time per step, parameters, solver steps), into ``<results>/experiments/<experiment>/metrics.json`` and MLflow.
+standard error, SSM/SM test losses, bits/dim; the VAE's ELBO; NCSN's Fréchet distance, ...) with the cost
+figures of its training (peak memory, time per step, parameters, solver steps), into
+``<results>/experiments/<experiment>/metrics.json`` and MLflow. Models that sample (VAE, NCSN) also get a
+sample grid, ``<results>/experiments/<experiment>/samples/<variant>.png``, logged to the variant's MLflow run.
 """
 from __future__ import annotations
 
@@ -36,8 +38,22 @@ def load_model(path: Path, train: torch.Tensor):
     return spec, model, saved
 
 
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
+    """Images (B, C, H, W) in [0, 1] → a PNG grid; small images are upscaled (nearest) to ≥ 32 pixels."""
+    from torchvision.utils import save_image
+
+    scale = max(1, 32 // max(images.shape[-2:]))
+    big = torch.nn.functional.interpolate(images.float().clamp(0, 1), scale_factor=scale, mode="nearest")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    save_image(big, str(tmp), nrow=nrow, padding=2, pad_value=0.5)
+    tmp.replace(path)
+    return path
+
+
 def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
-    from deqsm.experiments import evaluate
+    from deqsm.data import load_split
+    from deqsm.experiments import evaluate_with_samples
     from pipelines.tracking import Tracker
 
     model_dir = settings.path(settings.base.out, "models", name)
@@ -49,14 +65,19 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     from deqsm.data import true_density
 
     truth = true_density(settings.path(settings.data.root), dataset)  # generated data: exact score and log p
+    labels = {s: load_split(settings.path(settings.data.root), dataset, s).y for s in ("train", "test")}
     eval_options = {**settings.eval.model_dump(), **settings.experiments[name].eval_options}
     tracker = Tracker(settings.tracking_uri())
     results: dict[str, dict] = {}
+    (settings.experiment_results(name) / "samples").mkdir(parents=True, exist_ok=True)  # a DVC out, maybe empty
     for path in files:
         variant = path.stem
         spec, model, saved = load_model(path, splits["train"])
         torch.manual_seed(settings.base.seed)
-        metrics = {k: v for k, v in evaluate(spec, model, splits, eval_options, truth).items()}
+        metrics, images = evaluate_with_samples(spec, model, splits, eval_options, truth, labels)
+        if images is not None:
+            grid = save_grid(images, settings.experiment_results(name) / "samples" / f"{variant}.png")
+            tracker.log_artifact(saved["mlflow_run_id"], grid, "samples")
         metrics.update({f"train_{k}" if k in ("steps", "best_val_loss") else k: v
                         for k, v in saved["fit"].items()})
         metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

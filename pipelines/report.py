@@ -410,6 +410,31 @@ def loss_label(spec: ExperimentSettings) -> str:
     return f"{spec.loss.name} ({opts})" if opts else spec.loss.name
 
 
+@dataclass(frozen=True)
+class MainMetric:
+    """The number an experiment is judged by: test log-likelihood (density models), test ELBO (VAE) or a
+    Fréchet distance of samples (NCSN; its key names the feature extractor)."""
+
+    key: str
+    label: str  # the table's column header
+    higher_is_better: bool
+    unit: str  # words after a value in the findings
+
+
+FD_EXTRAS = ("_train_vs_test",)
+
+
+def main_metric(data: ExperimentData) -> MainMetric:
+    keys = {k for m in data.metrics.values() for k in m}
+    if "test_elbo" in keys:
+        return MainMetric("test_elbo", "test ELBO (nats)", True, "nats")
+    fd = sorted(k for k in keys if k.startswith(("fid_", "fd_")) and not k.endswith(FD_EXTRAS)
+                and k not in ("fd_samples", "fd_classifier_test_accuracy"))
+    if fd:
+        return MainMetric(fd[0], f"{fd[0]} (lower is better)", False, "")
+    return MainMetric("test_loglik", "test log-lik (nats) ± se", True, "nats")
+
+
 def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
     """One row per variant (× the experiment's loss): raw values, None where unknown."""
     rows = []
@@ -434,7 +459,15 @@ def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
         if se is None and g("test_loglik_sample_se") is not None:
             se, se_kind = g("test_loglik_sample_se"), "test_loglik_sample_se"
         peak = g("peak_bytes")
+        main = main_metric(data)
+        score_peak = g("score_step_peak_bytes")
         rows.append({
+            "main_metric": main.key, "main_value": g(main.key),
+            "main_se": se if main.key == "test_loglik" else None,
+            "test_elbo": g("test_elbo"), "test_iw_loglik": g("test_iw_loglik"),
+            "fd": g(main.key) if not main.higher_is_better else None,
+            "fd_train_vs_test": g(f"{main.key}_train_vs_test") if not main.higher_is_better else None,
+            "score_step_peak_mib": score_peak / MIB if score_peak is not None else None,
             "experiment": data.name, "variant": variant, "kind": data.kind(variant) or "",
             "depth": data.depth(variant), "loss": loss_label(data.spec), "status": "ok" if m is not None else "no metrics",
             "test_loglik": g("test_loglik"), "test_loglik_se": se, "se_kind": se_kind if se is not None else "",
@@ -449,8 +482,9 @@ def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
     return rows
 
 
-CSV_COLUMNS = ["experiment", "variant", "kind", "depth", "loss", "status", "test_loglik", "test_loglik_se", "se_kind",
-               "test_bpd", "peak_mib", "peak_bytes", "memory_kind", "step_ms_median", "params", "solver_nstep_mean",
+CSV_COLUMNS = ["experiment", "variant", "kind", "depth", "loss", "status", "main_metric", "main_value",
+               "test_loglik", "test_loglik_se", "se_kind", "test_elbo", "test_iw_loglik", "fd", "fd_train_vs_test",
+               "score_step_peak_mib", "test_bpd", "peak_mib", "peak_bytes", "memory_kind", "step_ms_median", "params", "solver_nstep_mean",
                "solver_final_residual", "solver_residual_max", "solver_source", "test_ssm_loss", "test_sm_loss", "test_loss",
                "fisher_divergence", "train_steps", "train_best_val_loss"]
 
@@ -476,22 +510,42 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
     se_kinds = sorted({r["se_kind"] for r in rows if r["se_kind"]})
     extra = [(k, label) for k, label in (("test_sm_loss", "test SM loss"), ("fisher_divergence", "Fisher divergence"))
              if any(r[k] is not None for r in rows)]
-    header = ["variant", "loss", "test log-lik (nats) ± se", "bits/dim", "peak memory (MiB)", "ms/step", "parameters",
-              "solver steps", "final residual", "test SSM loss", *(label for _, label in extra), "train steps"]
+    main = main_metric(data)
+    density = main.key == "test_loglik"
+    score_mem = any(r["score_step_peak_mib"] is not None for r in rows)
+    header = ["variant", "loss", main.label, *(["bits/dim"] if density else []),
+              *(["IW bound (nats)"] if any(r["test_iw_loglik"] is not None for r in rows) else []),
+              "peak memory (MiB)", *(["score-net step memory (MiB)"] if score_mem else []), "ms/step", "parameters",
+              "solver steps", "final residual", *(["test SSM loss"] if density else []), *(label for _, label in extra),
+              "train steps"]
     body = []
     for r in rows:
-        ll = fmt(r["test_loglik"], ".3f")
-        if ll != DASH and r["test_loglik_se"] is not None:
-            ll += f" ± {r['test_loglik_se']:.3f}"
+        value = fmt(r["main_value"], ".3f" if main.higher_is_better else ".2f")
+        if value != DASH and r["main_se"] is not None:
+            value += f" ± {r['main_se']:.3f}"
         mem = fmt(r["peak_mib"], ".3f")
         if len(kinds) > 1 and mem != DASH:
             mem += f" ({r['memory_kind']})"
         name = r["variant"] + (f" (depth {r['depth']})" if r["depth"] is not None else " (DEQ)" if r["kind"] == "deq" else "")
-        body.append([name, r["loss"], ll, fmt(r["test_bpd"], ".3f"), mem, fmt(r["step_ms_median"], ".1f"),
+        body.append([name, r["loss"], value, *([fmt(r["test_bpd"], ".3f")] if density else []),
+                     *([fmt(r["test_iw_loglik"], ".3f")] if "IW bound (nats)" in header else []),
+                     mem, *([fmt(r["score_step_peak_mib"], ".3f")] if score_mem else []), fmt(r["step_ms_median"], ".1f"),
                      fmt(r["params"], ",.0f"), fmt(r["solver_nstep_mean"], ".1f"), fmt(r["solver_final_residual"], ".2e"),
-                     fmt(r["test_ssm_loss"], ".4g"), *(fmt(r[k], ".4g") for k, _ in extra), fmt(r["train_steps"], ".0f")])
+                     *([fmt(r["test_ssm_loss"], ".4g")] if density else []), *(fmt(r[k], ".4g") for k, _ in extra),
+                     fmt(r["train_steps"], ".0f")])
     notes = [f"Experiment `{data.name}`: dataset `{data.spec.dataset}`, model `{data.spec.model}`, "
              f"loss `{loss_label(data.spec)}`. {DASH}: not measured for that variant."]
+    if main.key == "test_elbo":
+        notes.append("Test ELBO: E_q[log p(x|z) + log p(z)] plus the implicit encoder's entropy estimated per test x "
+                     "by a kernel density estimate of q(z|x) (`deqsm.metrics.elbo`). Peak memory is the whole "
+                     "training step (score network and VAE); score-net step memory is one score-network step, the "
+                     "part the variants differ in (the paper's Table 1).")
+    elif not main.higher_is_better:
+        refs = [r["fd_train_vs_test"] for r in rows if r["fd_train_vs_test"] is not None]
+        notes.append(f"`{main.key}`: Fréchet distance between annealed-Langevin samples and the test images "
+                     f"(features: {'Inception-v3' if main.key.startswith('fid_') else 'a digits classifier trained on the training split'}; "
+                     "covariances not rescaled)" + (f"; training images vs test images score {refs[0]:.2f} on the "
+                                                   "same features (a floor for the sample size)." if refs else "."))
     for k in kinds:
         notes.append(f"Peak memory counts `{k}`: {MEMORY_KINDS.get(k, 'as named')}.")
     se_words = {"test_loglik_se": "the Monte-Carlo standard error of the importance-sampled log Z",
@@ -746,8 +800,27 @@ def experiment_findings(data: ExperimentData, rows: list[dict[str, Any]], deq_to
                 numbers[f"{dv}_over_{deepest['variant']}_step_time"] = t
                 text += f" at {t:.2f}× its time per step"
             lines.append(text + ".")
+        if d["score_step_peak_mib"] is not None and deepest["score_step_peak_mib"]:
+            frac = d["score_step_peak_mib"] / deepest["score_step_peak_mib"]
+            numbers[f"{dv}_over_{deepest['variant']}_score_step_memory"] = frac
+            lines.append(f"`{data.name}`: `{dv}`'s score-network step uses {pct(frac)} of the memory of "
+                         f"`{deepest['variant']}`'s ({d['score_step_peak_mib']:.3f} vs "
+                         f"{deepest['score_step_peak_mib']:.3f} MiB).")
+        main = main_metric(data)
         for ev in explicits:
             e = by[ev]
+            if main.key != "test_loglik":
+                if d["main_value"] is None or e["main_value"] is None:
+                    lines.append(f"`{data.name}`: no {main.key} to compare `{dv}` with `{ev}`.")
+                    continue
+                diff = d["main_value"] - e["main_value"]
+                numbers[f"{dv}_minus_{ev}_{main.key}"] = diff
+                better = diff > 0 if main.higher_is_better else diff < 0
+                verdict = "better than" if better and diff != 0 else "equal to" if diff == 0 else "worse than"
+                lines.append(f"`{data.name}`: `{dv}`'s {main.key} is {verdict} `{ev}`'s ({d['main_value']:.3f} vs "
+                             f"{e['main_value']:.3f}{' ' + main.unit if main.unit else ''}, difference {diff:+.3f}; "
+                             f"{'higher' if main.higher_is_better else 'lower'} is better; one seed, no standard error).")
+                continue
             if d["test_loglik"] is None or e["test_loglik"] is None:
                 lines.append(f"`{data.name}`: no test log-likelihood to compare `{dv}` with `{ev}`.")
                 continue
@@ -846,11 +919,24 @@ def tuning_md(data: ExperimentData, metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sample_grids(layout: Layout, data: ExperimentData) -> list[Path]:
+    """The evaluate stage's sample grids of this experiment (``samples/<variant>.png``), in variant order."""
+    folder = layout.metrics(data.name).parent / "samples"
+    return [p for v in data.variants() if (p := folder / f"{v}.png").exists()]
+
+
+def sample_grids_md(layout: Layout, data: ExperimentData) -> list[str]:
+    grids = sample_grids(layout, data)
+    if not grids:
+        return []
+    return ["### Samples\n", *(f"`{p.stem}`:\n\n![samples of {p.stem}]({layout.rel(p)})\n" for p in grids)]
+
+
 def write_report(layout: Layout, params: Path, datas: list[ExperimentData], tables: dict[str, str],
                  bench: MemoryBench, generated_bench: bool, fidelity_md: str, conclusions: list[str],
                  caveat_lines: list[str], figures: dict[str, list[Path]], tags: dict[str, str]) -> Path:
     s = layout.settings
-    md = [f"# deqsm report\n",
+    md = ["# deqsm report\n",
           f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by `python -m pipelines.report` from `{params}`; "
           f"git commit `{tags.get('git_commit', 'unknown')}`, dvc.lock sha256 `{tags.get('dvc_lock_sha256', 'none')[:12]}`. "
           f"Experiments: {', '.join(f'`{d.name}`' for d in datas)}. Every number below is read from the files "
@@ -864,6 +950,7 @@ def write_report(layout: Layout, params: Path, datas: list[ExperimentData], tabl
                f"`{layout.rel(layout.metrics(data.name))}`.\n", tables[data.name],
                f"![training curves]({layout.rel(layout.figures / f'training_{data.name}.png')})\n",
                f"![solver residual]({layout.rel(layout.figures / f'residual_{data.name}.png')})\n",
+               *sample_grids_md(layout, data),
                "### Tuning\n", tuning_md(data, s.tune.metric)]
     explicit, deq = bench.explicit(), bench.deq()
     body = [[f"explicit-{d}", DASH, f"{r['peak_bytes'] / MIB:.3f}", fmt(r.get("step_ms"), ".1f")] for d, r in explicit]
@@ -1012,7 +1099,8 @@ def run_report(settings: Settings, params: Path, root: Path, memory_jsonl: Path 
 
     common = [report, layout.fidelity, layout.tables / "fidelity.md", layout.tables / "fidelity.csv",
               *figures["memory"], *figures["fidelity"], layout.plots / "memory_depth.csv"]
-    per_exp = {d.name: [layout.tables / f"{d.name}.md", layout.tables / f"{d.name}.csv", *figures[d.name]] for d in datas}
+    per_exp = {d.name: [layout.tables / f"{d.name}.md", layout.tables / f"{d.name}.csv", *figures[d.name],
+                        *sample_grids(layout, d)] for d in datas}
     run_ids = log_to_mlflow(layout, datas, numbers, common, per_exp, tags,
                             {"report.params": str(params), "report.memory_source": bench.source,
                              "report.fidelity_rows": fidelity_rows, "report.fidelity_k": list(fidelity_k)})

@@ -79,10 +79,12 @@ def test_dvc_repro_prepare_offline_then_nothing_to_do(tmp_path):
     run("dvc", "config", "core.analytics", "false")
     run("dvc", "config", "core.site_cache_dir", str(tmp_path / "dvc-site-cache"))
     first = run("dvc", "repro", "prepare")  # the data stage alone (the later stages need the whole project)
-    assert "Running stage 'prepare'" in first and "wrote digits, gaussian, mixture" in first
+    assert "Running stage 'prepare'" in first and "wrote digits, digits_binary, digits_images, gaussian, mixture" in first
     data = yaml.safe_load((repo / "params.yaml").read_text())["data"]
     for name in data["datasets"]:
         assert len(load_split(repo / data["root"], name, "train").x) > 0
+    binary = load_split(repo / data["root"], "digits_binary", "train").x
+    assert binary.shape[1:] == (1, 8, 8) and set(binary.unique().tolist()) == {0.0, 1.0}, "the VAE's binarised digits"
     lock = (repo / "dvc.lock").read_text()
     assert "data/prepared" in lock and "deqsm/data" in lock
     second = run("dvc", "repro", "prepare")

@@ -3,7 +3,8 @@
 ``MODELS`` maps a model name (params.yaml's ``model``) to a :class:`ModelBuilder`: calling it builds the
 model, ``builder(dim, variant=..., width=..., depth=..., deq=DEQSettings, train=rows, **model_options)``;
 its ``objective`` / ``finalize`` hooks say how the model is trained and finished when a generic energy
-objective does not do (DKEF solves α per batch and on the whole training set at the end).
+objective does not do (DKEF solves α per batch and on the whole training set at the end), and ``evaluate``
+how a model that is not an energy is evaluated (the VAE: ELBO; NCSN: samples and their Fréchet distance).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 from deqsm.config import DEQSettings
 from deqsm.models.dkef import build_dkef, dkef_objective, finalize_dkef
 from deqsm.models.energy_mlp import DEQEnergyMLP, ExplicitEnergyMLP
+from deqsm.models.generative import build_ncsn, build_vae, evaluate_ncsn, evaluate_vae, ncsn_objective, vae_objective
 from deqsm.models.nice import build_nice
 from deqsm.registry import Registry
 
@@ -34,12 +36,15 @@ class ModelBuilder:
         objective: ``objective(loss, options, train) -> (model, batch) -> LossOutput``, or None for the
             generic energy objective.
         finalize: ``finalize(model, loss, options, train)`` after training, or None.
+        evaluate: ``evaluate(model, splits, eval_options, spec, labels) -> (metrics, images or None)`` for a
+            model that is not an energy (replaces the energy evaluation: losses, log-likelihood), or None.
     """
 
     build: Callable[..., nn.Module]
     normalised: bool = False
     objective: Callable[..., Callable] | None = None
     finalize: Callable[..., None] | None = None
+    evaluate: Callable[..., tuple[dict[str, float], Any]] | None = None
 
     def options(self) -> list[str]:
         """The model-specific keyword options (``model_options``) of :attr:`build`."""
@@ -69,3 +74,5 @@ MODELS: Registry[ModelBuilder] = Registry("model")
 MODELS.register("dkef")(ModelBuilder(build_dkef, objective=dkef_objective, finalize=finalize_dkef))
 MODELS.register("nice")(ModelBuilder(build_nice, normalised=True))
 MODELS.register("energy_mlp")(ModelBuilder(build_energy_mlp))
+MODELS.register("vae")(ModelBuilder(build_vae, objective=vae_objective, evaluate=evaluate_vae))
+MODELS.register("ncsn")(ModelBuilder(build_ncsn, objective=ncsn_objective, evaluate=evaluate_ncsn))

@@ -130,15 +130,18 @@ SCORE_NETS.register("deq")(ScoreNetSpec("deq", 1))
 
 
 class LatentScoreNet(nn.Module):
-    """s_ψ(x, z): an MLP on [x, z] with a ``z_dim`` output (variant from :data:`SCORE_NETS`)."""
+    """s_ψ(x, z): an MLP on [x, z] with a ``z_dim`` output (variant from :data:`SCORE_NETS`; ``depth``
+    overrides an explicit variant's hidden layers)."""
 
     def __init__(self, x_dim: int, z_dim: int, *, variant: str = "deq", width: int = 256,
-                 deq: DEQSettings | None = None) -> None:
+                 deq: DEQSettings | None = None, depth: int | None = None) -> None:
         super().__init__()
         spec = SCORE_NETS.get(variant)
+        if depth is not None and spec.kind != "explicit":
+            raise ValueError(f"depth applies to explicit score nets; {variant!r} is a {spec.kind} net")
         self.variant = variant
         self.x_dim, self.z_dim = x_dim, z_dim
-        self.net = make_net(spec.kind, x_dim + z_dim, width, z_dim, depth=spec.depth, deq=deq or DEQSettings())
+        self.net = make_net(spec.kind, x_dim + z_dim, width, z_dim, depth=depth or spec.depth, deq=deq or DEQSettings())
         # He (fan-in) initialisation of every Linear, as in the encoder / decoder: with PyTorch's default,
         # a 16-layer Softplus stack starts with a constant output and zero input-Jacobian, where the SSM
         # gradient vanishes and aug16 never learns. (The DEQ's weight-tied matrix is normalised, so its
@@ -163,17 +166,19 @@ class ImplicitVAE(nn.Module):
         x_dim: flattened input size (64 for 8×8 digits, 784 for MNIST).
         z_dim: latent size (the paper: 8 and 32 on MNIST).
         width, depth: hidden width and layers of encoder and decoder.
-        score_variant, score_width, deq: the score network (:class:`LatentScoreNet`).
+        score_variant, score_width, score_depth, deq: the score network (:class:`LatentScoreNet`).
         eps_dim: noise fed to the encoder (default z_dim).
     """
 
     def __init__(self, x_dim: int, z_dim: int = 8, *, width: int = 256, depth: int = 2, score_variant: str = "deq",
-                 score_width: int = 256, deq: DEQSettings | None = None, eps_dim: int | None = None) -> None:
+                 score_width: int = 256, deq: DEQSettings | None = None, eps_dim: int | None = None,
+                 score_depth: int | None = None) -> None:
         super().__init__()
         self.x_dim, self.z_dim = x_dim, z_dim
         self.encoder = ImplicitEncoder(x_dim, z_dim, eps_dim=eps_dim, width=width, depth=depth)
         self.decoder = BernoulliDecoder(z_dim, x_dim, width=width, depth=depth)
-        self.score = LatentScoreNet(x_dim, z_dim, variant=score_variant, width=score_width, deq=deq)
+        self.score = LatentScoreNet(x_dim, z_dim, variant=score_variant, width=score_width, deq=deq,
+                                    depth=score_depth)
 
     def vae_parameters(self) -> list[nn.Parameter]:
         return [*self.encoder.parameters(), *self.decoder.parameters()]
