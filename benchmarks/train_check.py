@@ -3,10 +3,13 @@
 
 - ``dkef``: DKEF on a generated 2-D mixture of Gaussians on three rings (deqsm.data's ``mixture``);
 - ``nice``: NICE on scikit-learn's 8×8 digits (dequantised and logit-transformed, as params.yaml's
-  ``digits`` dataset).
+  ``digits`` dataset);
+- ``vae``: the implicit-encoder VAE on the binarised digits; the variants are its score network (the
+  explicit one at depth 16 is the paper's ``aug16``);
+- ``ncsn``: NCSN on the digits in [0, 1], a DEQ core against 16 explicit blocks.
 
-Both are trained by sliced score matching with :func:`deqsm.experiments.train_model` (the pipeline's own
-training code) for a few steps; nothing is tested, the point is the cost of a training step and that
+Each is trained with :func:`deqsm.experiments.train_model` (the pipeline's own training code; DKEF and NICE
+by SSM, the VAE's score network by SSM-VR, NCSN by annealed DSM) for a few steps; nothing is tested, the point is the cost of a training step and that
 training runs on the device. One JSON object per run (experiment, variant, device, steps, step_ms_median,
 peak_bytes, memory_kind, final_loss — the last step's training loss —, solver_nstep_mean, ...), then a final
 ``{"summary": ...}`` line with, per experiment, the DEQ / explicit-16 ratios of peak memory and of median
@@ -42,6 +45,10 @@ SIZES = {
              "small": dict(width=16, steps=6, batch=64, n_inducing=20, n_train=1000)},
     "nice": {"full": dict(width=1000, steps=40, batch=128),
              "small": dict(width=64, steps=5, batch=32)},
+    "vae": {"full": dict(width=256, steps=40, batch=128),
+            "small": dict(width=32, steps=5, batch=32)},
+    "ncsn": {"full": dict(width=64, steps=40, batch=128),
+             "small": dict(width=8, steps=5, batch=32)},
 }
 
 
@@ -73,9 +80,9 @@ def mixture_splits(n_train: int, seed: int) -> dict[str, torch.Tensor]:
     return {s: torch.from_numpy(a) for s, a in prepared.x.items()}
 
 
-def digits_splits(seed: int) -> dict[str, torch.Tensor]:
-    """scikit-learn's digits, dequantised and logit-transformed (α = 1e-6), stored (N, 1, 8, 8)."""
-    spec = Digits(dequantize=True, logit_alpha=1e-6, val_fraction=0.1, test_fraction=0.2)
+def digits_splits(seed: int, **preprocessing) -> dict[str, torch.Tensor]:
+    """scikit-learn's digits (N, 1, 8, 8): by default dequantised and logit-transformed (α = 1e-6)."""
+    spec = Digits(**(preprocessing or dict(dequantize=True, logit_alpha=1e-6)), val_fraction=0.1, test_fraction=0.2)
     prepared = spec.load(Context("digits", "digits", Path("."), seed))
     return {s: torch.from_numpy(a) for s, a in prepared.x.items()}
 
@@ -91,9 +98,16 @@ def experiments(args: argparse.Namespace) -> list[tuple[str, dict, dict[str, tor
         if kind == "dkef":
             model = {"model": "dkef", "width": sizes["width"], "model_options": {"n_inducing": sizes["n_inducing"]}}
             out.append(("dkef-mixture", model, mixture_splits(sizes["n_train"], args.seed), sizes))
-        else:
+        elif kind == "nice":
             model = {"model": "nice", "width": sizes["width"], "model_options": {"n_couplings": 4}}
             out.append(("nice-digits", model, digits_splits(args.seed), sizes))
+        elif kind == "vae":
+            model = {"model": "vae", "width": sizes["width"], "loss": {"name": "ssm_vr"},
+                     "model_options": {"z_dim": 8, "hidden_width": sizes["width"]}}
+            out.append(("vae-digits", model, digits_splits(args.seed, binarize="threshold"), sizes))
+        else:
+            model = {"model": "ncsn", "width": sizes["width"], "loss": {"name": "dsm"}}
+            out.append(("ncsn-digits", model, digits_splits(args.seed, dequantize=False), sizes))
     return out
 
 
@@ -102,8 +116,8 @@ def train_one(experiment: str, model: dict, variant: str, splits: dict[str, torc
     """Train one variant for ``sizes['steps']`` steps; its JSON row."""
     depth = EXPLICIT_DEPTH if variant == "explicit" else 1
     deq = DEQSettings()
-    spec = ExperimentSpec(name=f"{experiment}/{variant}", variant=variant, depth=depth, loss={"name": "ssm"},
-                          deq=deq, **model)
+    spec = ExperimentSpec(name=f"{experiment}/{variant}", variant=variant, depth=depth, deq=deq,
+                          **{"loss": {"name": "ssm"}, **model})
     settings = TrainSettings(steps=sizes["steps"], batch_size=sizes["batch"], eval_every=sizes["steps"],
                              eval_batches=1, progress=False, seed=seed, device=str(device))
     recorder, last = SolverRecorder(), LastMetrics()
@@ -112,7 +126,7 @@ def train_one(experiment: str, model: dict, variant: str, splits: dict[str, torc
     wall = time.perf_counter() - t0
     row = {
         "experiment": experiment, "variant": variant if variant == "deq" else f"explicit-{depth}",
-        "model": model["model"], "width": model["width"], "depth": depth if variant == "explicit" else None,
+        "model": model["model"], "loss": spec.loss.name, "width": model["width"], "depth": depth if variant == "explicit" else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "steps": fit.steps, "batch_size": sizes["batch"], "step_ms_median": fit.step_ms_median,
         "peak_bytes": fit.peak_bytes, "memory_kind": fit.memory_kind,

@@ -33,7 +33,7 @@ def test_gpu_check_runs_on_cpu_without_the_orchestration_stack(tmp_path):
 
     training = summary["training"]
     assert training["device"] == "cpu"
-    for experiment in ("dkef-mixture", "nice-digits"):
+    for experiment in ("dkef-mixture", "nice-digits", "vae-digits", "ncsn-digits"):
         ratios = training[experiment]
         assert 0 < ratios["deq_over_explicit16_memory"] < 1, ratios
         assert ratios["deq_over_explicit16_step_time"] > 0 and ratios["deq_solver_nstep_mean"] >= 1
@@ -41,7 +41,7 @@ def test_gpu_check_runs_on_cpu_without_the_orchestration_stack(tmp_path):
     rows = [json.loads(line) for line in (out / "train_check.jsonl").read_text().splitlines()]
     runs = [r for r in rows if "summary" not in r]
     assert {(r["experiment"], r["variant"]) for r in runs} == {
-        (e, v) for e in ("dkef-mixture", "nice-digits") for v in ("deq", "explicit-16")}
+        (e, v) for e in ("dkef-mixture", "nice-digits", "vae-digits", "ncsn-digits") for v in ("deq", "explicit-16")}
     for r in runs:
         assert r["steps"] > 0 and r["peak_bytes"] > 0 and r["step_ms_median"] > 0 and r["final_loss"] is not None
     assert (out / "memory_depth.jsonl").stat().st_size > 0 and (out / "solvers.jsonl").stat().st_size > 0

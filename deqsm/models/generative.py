@@ -147,13 +147,33 @@ def ncsn_objective(loss: str, options: dict[str, Any], train: Tensor):
     return objective
 
 
+_CLASSIFIERS: dict[str, nn.Module] = {}
+
+
+def _feature_classifier(images: Tensor, labels: Tensor, seed: int, epochs: int) -> nn.Module:
+    """The digits CNN behind ``fd_digits_cnn``, trained once per (training images, labels, seed, epochs) in
+    this process: every variant of an experiment is measured in the same feature space, and it is not
+    retrained for each one."""
+    import hashlib
+
+    from deqsm.metrics.fid import train_digits_cnn
+
+    digest = hashlib.sha256()
+    for t in (images.float().contiguous(), labels.long().contiguous()):
+        digest.update(t.cpu().numpy().tobytes())
+    key = f"{digest.hexdigest()}-{seed}-{epochs}"
+    if key not in _CLASSIFIERS:
+        _CLASSIFIERS[key] = train_digits_cnn(images, labels, seed=seed, epochs=epochs)
+    return _CLASSIFIERS[key]
+
+
 def evaluate_ncsn(model: NCSN, splits: dict[str, Tensor], opts: Any, spec: Any,
                   labels: dict[str, Tensor] | None = None) -> tuple[dict[str, float], Tensor]:
     """The test loss, and ``opts.fd_samples`` samples by annealed Langevin dynamics (uniform start on the
     data range, ``opts.langevin_steps`` per level, step ``opts.langevin_lr`` at the smallest σ) with their
     Fréchet distance to the test split; for scale, the same distance between training and test images."""
     from deqsm.metrics.fid import build_frechet_metric, classifier_accuracy, frechet_distance, \
-        inception_unavailable_reason, train_digits_cnn
+        inception_unavailable_reason
     from deqsm.train import evaluate as evaluate_objective
 
     device = _device(model)
@@ -170,7 +190,7 @@ def evaluate_ncsn(model: NCSN, splits: dict[str, Tensor], opts: Any, spec: Any,
         if labels is None or labels.get("train") is None:
             raise ValueError("FD with the digits CNN needs the training split's labels; this dataset has none "
                              "(give eval_options.inception_weights, or use a labelled image dataset)")
-        classifier = train_digits_cnn(unit(train), labels["train"], seed=opts.seed, epochs=opts.classifier_epochs)
+        classifier = _feature_classifier(unit(train), labels["train"], opts.seed, opts.classifier_epochs)
         if labels.get("test") is not None:
             out["fd_classifier_test_accuracy"] = classifier_accuracy(classifier, unit(test), labels["test"])
     fd = build_frechet_metric(opts.fd_extractor, inception_weights=opts.inception_weights, classifier=classifier)
