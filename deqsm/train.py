@@ -265,7 +265,8 @@ def fit(
                 cb.on_step(step, metrics)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.4g}", nstep=int(metrics.get("solver_nstep", 0)))
+                bar.set_postfix(loss=f"{float(loss):.4g}",  # solver iterations for DEQ models only
+                                **({"nstep": int(metrics["solver_nstep"])} if "solver_nstep" in metrics else {}))
             if step % settings.eval_every == 0 or step == settings.steps:
                 data = val if val is not None else train
                 ev = {f"val_{k}": v for k, v in evaluate(model, objective, data, settings.batch_size,

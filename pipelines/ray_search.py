@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -128,9 +129,10 @@ class MlflowTrialLogger(tune.Callback):
     """Driver-side: one MLflow run per trial, nested under ``parent_run_id``."""
 
     def __init__(self, tracker: Tracker, experiment: str, parent_run_id: str,
-                 base_configs: dict[str, dict], tags: dict[str, str] | None = None) -> None:
+                 base_configs: dict[str, dict], tags: dict[str, str] | None = None, total: int | None = None) -> None:
         self.tracker, self.experiment, self.parent = tracker, experiment, parent_run_id
         self.base_configs = base_configs
+        self.total = total  # trials of the whole search (Ray creates them lazily: its list grows as they start)
         self.tags = dict(tags or {})
         self.runs: dict[str, str] = {}
 
@@ -168,7 +170,7 @@ class MlflowTrialLogger(tune.Callback):
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + 1
         sample = ", ".join(f"{k.replace('__', '.')}={v}" for k, v in sorted(trial.config.items()) if k != "variant_name")
         metric = trial.last_result.get("val_loss") if trial.last_result else None
-        print(f"[{self.experiment} {done}/{len(trials)}] {trial.config['variant_name']} ({sample}) {outcome}"
+        print(f"[{self.experiment} {done}/{max(self.total or 0, len(trials))}] {trial.config['variant_name']} ({sample}) {outcome}"
               + (f", val_loss={metric:.4g}" if isinstance(metric, float) else ""), flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -244,8 +246,9 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
     marker = storage / f"{name}.fingerprint"
     parent_file = storage / f"{name}.parent"  # the MLflow parent run the (restored) trial logger nests under
     trials_parent = parent_run_id
+    total = ts.num_samples * len(base_configs) * math.prod(len(e.grid) for e in ts.search_space.values() if e.grid)
     callback = MlflowTrialLogger(tracker, settings.tracking.experiment_prefix + experiment, parent_run_id, base_configs,
-                                 provenance_tags(settings.base.device, settings.root))
+                                 provenance_tags(settings.base.device, settings.root), total)
     if (marker.exists() and marker.read_text() == fingerprint and tune.Tuner.can_restore(str(run_dir))):
         # An interrupted search with the same configuration: finish it instead of starting over. Ray restores
         # the saved trial logger too, which keeps nesting trials under the first attempt's parent run.

@@ -45,6 +45,8 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
         assert metrics["deq"]["solver_nstep_mean"] >= 1
         best = json.loads((root / "out" / "tune" / exp / "best.json").read_text())
         assert best["trials"] == 4 and set(best["best"]) == {"deq", "explicit-2"}
+        progress = [ln for ln in (first.stdout + first.stderr).splitlines() if ln.startswith(f"[{exp} ")]
+        assert [ln.split()[1] for ln in progress] == ["1/4]", "2/4]", "3/4]", "4/4]"], progress
         curves = sorted(p.name for p in (root / "results" / "experiments" / exp / "curves").glob("*.csv"))
         assert curves == ["deq.csv", "explicit-2.csv"]
     mixture = json.loads((root / "results" / "experiments" / "dkef-mixture" / "metrics.json").read_text())
