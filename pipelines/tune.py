@@ -28,6 +28,25 @@ def load_experiment_splits(settings: Settings, dataset: str) -> dict:
     return load_splits(settings.path(settings.data.root), dataset)
 
 
+def check_models_build(settings: Settings, names: list[str], splits: dict[str, dict]) -> None:
+    """Build every variant's model on its training split once, before Ray starts: a model that does not fit
+    its data (a VAE on pixels that are not binarised, NCSN on vectors, ...) is one clear error here instead
+    of a FAILED trial per search point."""
+    import torch
+
+    from deqsm.experiments import ExperimentSpec, build
+
+    for name in names:
+        for variant in settings.experiments[name].variants:
+            cfg = trial_config(settings, name, variant)
+            try:
+                with torch.random.fork_rng():  # building draws initial weights: leave the seeds as they were
+                    build(ExperimentSpec(**cfg["spec"]), splits[name]["train"])
+            except ValueError as err:
+                raise ParamsError(f"experiments.{name}.variants.{variant} (model {cfg['spec']['model']!r} on "
+                                  f"dataset {cfg['dataset']!r}): {err}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = load_params(args.params)
@@ -37,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ParamsError(f"unknown experiment(s) {unknown}; in params.yaml: {', '.join(settings.experiments)}")
     # Check every input before any work starts (a missing or corrupt dataset fails here).
     splits = {name: load_experiment_splits(settings, settings.experiments[name].dataset) for name in names}
+    check_models_build(settings, names, splits)
 
     from pipelines.ray_search import ray_session, run_search
     from pipelines.tracking import Tracker, provenance_tags

@@ -287,6 +287,28 @@ def test_local_ray_listens_on_loopback_only(local_ray):
     assert {ip for ip, _, _ in found} <= {"127.0.0.1", "::1"}, sorted(found)
 
 
+def test_model_that_does_not_fit_its_data_stops_the_tune_stage_before_ray_starts(tmp_path):
+    """A VAE (Bernoulli decoder) pointed at the digits in [0, 1] instead of the binarised ones: one error naming
+    the experiment, the variant, the model, the dataset and what to change; no Ray, no MLflow run."""
+    from deqsm.data import prepare_datasets
+    from deqsm.data.settings import DataSettings
+
+    full = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = _one_experiment()
+    raw["data"]["datasets"] = {"digits_images": full["data"]["datasets"]["digits_images"]}
+    raw["experiments"] = {"vae": {**full["experiments"]["vae-digits"], "dataset": "digits_images"}}
+    params = _write(tmp_path / "params.yaml", raw)
+    prepare_datasets(DataSettings.model_validate(raw["data"]), base=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.tune", "--params", str(params)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr
+    assert ("error: experiments.vae.variants.deq (model 'vae' on dataset 'digits_images'): the VAE's Bernoulli "
+            "decoder needs binarised data (0/1 pixels): prepare the dataset with binarize: threshold or bernoulli"
+            in proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists(), "nothing written: no MLflow store, no Ray results"
+
+
 def _prepared_project(tmp_path: Path, raw: dict) -> Path:
     from deqsm.data import prepare_datasets
     from deqsm.data.settings import DataSettings
