@@ -70,6 +70,9 @@ def spectral_normalize(weight: Tensor, lam: float, eps: float = 1e-6) -> Tensor:
 NORMALIZATIONS: Registry[Callable[..., Tensor]] = Registry("weight normalisation")
 NORMALIZATIONS.register("frobenius")(frobenius_normalize)
 NORMALIZATIONS.register("spectral")(spectral_normalize)
+# The layer's exact operator norm: for a matrix its σ_max (as "spectral"); a convolution computes its own
+# (deqsm.models.ncsn.conv_operator_norm) instead of bounding it by the flattened kernel's norm.
+NORMALIZATIONS.register("operator")(spectral_normalize)
 
 
 class NormalizedLinear(nn.Module):
@@ -310,7 +313,7 @@ class DEQ(nn.Module):
         # Weights written through ``.data`` (gradcheck's perturbations) keep their version counter, so a
         # normalisation cached by an earlier forward could be stale: cache within one forward only.
         for m in self.cell.modules():
-            if isinstance(m, NormalizedLinear):
+            if isinstance(m, NormalizedLinear) or hasattr(m, "_cached"):  # NormalizedLinear, NormalizedConv2d
                 m._cached = None
         params = {n: p for n, p in self.cell.named_parameters() if p.requires_grad}
         z, stats = self.backward_mode(self, x, z0, params)

@@ -124,7 +124,7 @@ def test_normalisation_is_a_contraction(float64):
         assert torch.linalg.matrix_norm(fn(w, lam=2.0), ord=2) <= 0.5 + 1e-9
     with pytest.raises(ValueError, match="lambda must be > 1"):
         NormalizedLinear(4, lam=1.0)
-    with pytest.raises(UnknownNameError, match="known: frobenius, spectral"):
+    with pytest.raises(UnknownNameError, match="known: frobenius, operator, spectral"):
         NormalizedLinear(4, norm="l1")
 
 

@@ -14,7 +14,7 @@ from deqsm.config import DEQSettings
 from deqsm.metrics.fid import (DigitsCNN, GivenFeatures, build_frechet_metric, classifier_accuracy,
                                frechet_distance, frechet_distance_of_features, gaussian_frechet_distance,
                                train_digits_cnn)
-from deqsm.models.ncsn import NCSN, NormalizedConv2d, annealed_score_loss
+from deqsm.models.ncsn import NCSN, NormalizedConv2d, annealed_score_loss, conv_operator_norm
 from deqsm.registry import UnknownNameError
 from deqsm.sampling import annealed_langevin, geometric_sigmas
 
@@ -168,6 +168,65 @@ def test_normalized_conv_is_a_contraction():
             v = torch.nn.functional.conv_transpose2d(conv(v), conv.normalized_weight(), padding=1)
             v = v / v.norm()
         assert float(conv(v).norm()) <= 1 / 1.5 + 1e-6
+
+
+def _power_norm(weight: torch.Tensor, size: int, iters: int = 1000) -> float:
+    """‖W ⋆ ·‖₂ of the zero-padded 'same' convolution on size × size images, by power iteration."""
+    F = torch.nn.functional
+    v = torch.randn(1, weight.shape[1], size, size, dtype=weight.dtype, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for _ in range(iters):
+            v = F.conv_transpose2d(F.conv2d(v, weight, padding=1), weight, padding=1)
+            v = v / v.norm()
+        return float(F.conv2d(v, weight, padding=1).norm())
+
+
+@pytest.mark.parametrize("channels,size", [(1, 4), (4, 8), (16, 8), (3, 5)])
+def test_conv_operator_norm_bounds_the_convolution_tightly(channels, size):
+    torch.manual_seed(channels)
+    w = torch.randn(channels, channels, 3, 3, dtype=torch.float64)
+    bound, actual = float(conv_operator_norm(w, (size, size))), _power_norm(w, size)
+    assert actual <= bound * (1 + 1e-9), "an upper bound"
+    assert bound <= 1.25 * actual, "and a tight one (the zero padding makes small images the loosest case)"
+    if channels >= 4:
+        assert 3 * float(w.norm()) > 2 * bound, "k·‖W‖_F, the frobenius normalisation's bound, is far looser"
+
+
+def test_conv_operator_norm_is_differentiable():
+    w = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w_: conv_operator_norm(w_, (3, 3)), (w,))
+
+
+def test_operator_normalised_conv_reaches_its_limit_and_no_further():
+    torch.manual_seed(0)
+    lam = 1.5
+    tight, loose = NormalizedConv2d(4, 3, lam=lam, norm="operator"), NormalizedConv2d(4, 3, lam=lam)
+    loose.weight.data.copy_(tight.weight.data)
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        first = tight.normalized_weight((8, 8))
+        assert tight.normalized_weight((8, 8)) is first, "the graph-free solve normalises once per weight and size"
+        assert tight.normalized_weight((6, 6)) is not first
+        tight(z)  # forward normalises for the input's own size
+    norm_tight, norm_loose = _power_norm(tight.normalized_weight((8, 8)), 8), _power_norm(loose.normalized_weight(), 8)
+    assert 0.9 / lam <= norm_tight <= 1 / lam + 1e-6
+    assert norm_loose < 0.6 * norm_tight, "the flattened-kernel bound leaves most of the contraction unused"
+    with pytest.raises(ValueError, match="needs the image size"):
+        torch.set_grad_enabled(True)
+        tight.normalized_weight()
+
+
+def test_ncsn_core_norm_option_reaches_the_deq_core():
+    from deqsm.models.generative import build_ncsn
+
+    train = torch.rand(8, 1, 8, 8)
+    model = build_ncsn(64, variant="deq", width=3, depth=1, deq=DEQSettings(), train=train, core_norm="operator")
+    assert model.core.deq.cell.conv.norm == "operator"
+    out = model(train, torch.full((8,), 0.5))
+    out.square().sum().backward()
+    assert torch.isfinite(model.core.deq.cell.conv.weight.grad).all()
+    with pytest.raises(ValueError, match="unknown weight normalisation 'exact'"):
+        build_ncsn(64, variant="deq", width=3, depth=1, deq=DEQSettings(), train=train, core_norm="exact")
 
 
 def tiny_ncsn(variant: str, backward: str = "phantom") -> NCSN:

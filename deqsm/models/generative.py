@@ -122,12 +122,17 @@ def evaluate_vae(model: ImplicitVAE, splits: dict[str, Tensor], opts: Any, spec:
 # NCSN
 # ---------------------------------------------------------------------------------------------------
 def build_ncsn(dim: int, *, variant: str, width: int, depth: int, deq: DEQSettings, train: Tensor,
-               sigma_max: float = 1.0, sigma_min: float = 0.01, sigma_levels: int = 10) -> NCSN:
+               sigma_max: float = 1.0, sigma_min: float = 0.01, sigma_levels: int = 10,
+               core_norm: str | None = None) -> NCSN:
     """An :class:`NCSN` for images (N, C, H, W) with ``width`` channels and the geometric σ ladder
-    (registered as the buffer ``sigmas``, so the weights file carries it)."""
+    (registered as the buffer ``sigmas``, so the weights file carries it). ``core_norm`` overrides
+    ``deq.norm`` for the DEQ core's convolution (``operator``: its exact operator norm, see
+    :mod:`deqsm.models.ncsn`)."""
     if train.dim() != 4:
         raise ValueError(f"NCSN needs image data (N, C, H, W), got shape {tuple(train.shape)}: prepare an image "
                          "dataset (digits, mnist, cifar10, celeba64)")
+    if core_norm is not None:
+        deq = DEQSettings(**{**deq.model_dump(), "norm": core_norm})
     model = NCSN(train.shape[1], width, variant=variant, depth=depth, deq=deq)
     model.register_buffer("sigmas", torch.tensor(geometric_sigmas(sigma_max, sigma_min, sigma_levels)))
     return model
