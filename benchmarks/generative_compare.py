@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deq-backward", default="phantom")
     p.add_argument("--deq-tol", type=float, default=1e-4)
     p.add_argument("--deq-max-iter", type=int, default=30)
+    p.add_argument("--deq-norm", default="frobenius",
+                   help="weight normalisation of the DEQ layers: frobenius (the paper's), spectral, or operator "
+                        "(the exact operator norm; for NCSN's convolution computed on the image grid)")
     # VAE
     p.add_argument("--vae-variants", nargs="+", default=["deq", "explicit", "aug8", "aug16"])
     p.add_argument("--vae-score-loss", default="ssm_vr", choices=list(VAE_SCORE_LOSSES))
@@ -142,7 +145,8 @@ def batches(n: int, batch: int, gen: torch.Generator):
 
 
 def deq_settings(args) -> DEQSettings:
-    return DEQSettings(solver=args.deq_solver, backward=args.deq_backward, tol=args.deq_tol, max_iter=args.deq_max_iter)
+    return DEQSettings(solver=args.deq_solver, backward=args.deq_backward, tol=args.deq_tol, max_iter=args.deq_max_iter,
+                       norm=args.deq_norm)
 
 
 def memory_kind(device: torch.device) -> str:
