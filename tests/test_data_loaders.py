@@ -264,6 +264,17 @@ def test_csv_with_the_wrong_layout_names_the_file(tmp_path):
         prepare(tmp_path, {"redwine": {}})
 
 
+def test_csv_with_a_nan_cell_names_the_file_and_row(tmp_path):
+    write_wine(tmp_path / "raw", "winequality-red.csv")
+    path = tmp_path / "raw" / "uci" / "winequality-red.csv"
+    lines = path.read_text().splitlines()
+    lines[5] = "nan;" + lines[5].split(";", 1)[1]  # the 5th data row
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"winequality-red.csv: row 6 holds a non-finite value"):
+        prepare(tmp_path, {"redwine": {}})
+    assert not (tmp_path / "prepared" / "redwine").exists(), "no partial output"
+
+
 # --- HEPMASS and MiniBooNE: MAF's row and column selection ------------------------------------------
 
 HEPMASS_HEADER = ["# label"] + [f"f{j}" for j in range(27)] + ["mass"]

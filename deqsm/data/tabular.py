@@ -96,6 +96,9 @@ def read_csv(path: Path, layout: CsvLayout) -> tuple[list[str], np.ndarray, np.n
     except (ValueError, IndexError) as err:
         raise ValueError(f"{path}: not a numeric {layout.delimiter!r}-separated table ({err})") from None
     x = np.stack([table[h] for h in features], 1)
+    if not np.isfinite(x).all():  # float() reads "nan" and "inf" without complaint
+        row = int(np.flatnonzero(~np.isfinite(x).all(1))[0])
+        raise ValueError(f"{path}: row {row + 2} holds a non-finite value (NaN or Inf): is the file complete?")
     y = table[layout.label].astype(np.int64) if layout.label else None
     return features, x, y
 
