@@ -38,7 +38,7 @@ from deqsm.metrics.memory import measure_step  # noqa: E402
 from deqsm.models.blocks import count_parameters  # noqa: E402
 from deqsm.models.ncsn import NCSN, annealed_score_loss  # noqa: E402
 from deqsm.models.vae import SCORE_NETS, VAE_SCORE_LOSSES, ImplicitVAE, ImplicitVAETrainer  # noqa: E402
-from deqsm.sampling import annealed_langevin, geometric_sigmas  # noqa: E402
+from deqsm.sampling import annealed_langevin, geometric_sigmas, save_image_grid  # noqa: E402
 
 Tensor = torch.Tensor
 
@@ -128,14 +128,6 @@ def load_digits_splits(seed: int) -> dict[str, Tensor]:
     return {"train_x": x[train], "train_y": y[train], "test_x": x[test], "test_y": y[test]}
 
 
-def save_grid(images: Tensor, path: Path, nrow: int = 8, upscale: int = 4) -> None:
-    """(B, 1, 8, 8) in [0, 1] → a PNG grid, each pixel drawn as an upscale × upscale block."""
-    from torchvision.utils import save_image
-
-    big = torch.nn.functional.interpolate(images.float().clamp(0, 1), scale_factor=upscale, mode="nearest")
-    save_image(big, str(path), nrow=nrow, padding=2, pad_value=0.5)
-
-
 def batches(n: int, batch: int, gen: torch.Generator):
     """Endless shuffled index batches (a new permutation per epoch)."""
     while True:
@@ -193,7 +185,7 @@ def run_vae(args, data: dict[str, Tensor], device: torch.device, sink) -> dict[s
         eval_s = time.perf_counter() - t0
         grid = model.sample(64, torch.Generator(device=device).manual_seed(args.seed)).view(-1, 1, 8, 8)
         png = args.out / f"vae_samples_{variant}.png"
-        save_grid(grid.cpu(), png)
+        save_image_grid(grid, png)
         nsteps = [r.solver_nstep for r in warm if r.solver_nstep is not None]
         row = {
             "experiment": "vae", "variant": variant, "score_loss": args.vae_score_loss, "steps": len(rows),
@@ -299,7 +291,7 @@ def run_ncsn(args, data: dict[str, Tensor], device: torch.device, sink) -> tuple
             key = f"{variant}-{loss_name}"
             steppers[key] = (model, loss_fn, opt, params)
             png = args.out / f"ncsn_samples_{variant}_{loss_name}.png"
-            save_grid(samples[:64].cpu(), png)
+            save_image_grid(samples[:64], png)
             curves[key] = losses
             row = {
                 "experiment": "ncsn", "variant": variant, "loss": loss_name, "steps": len(losses),

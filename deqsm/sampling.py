@@ -13,6 +13,7 @@ x + σ_L² s(x, σ_L); it is off by default so that the sampler is the standard 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -104,3 +105,18 @@ def annealed_langevin(
     if clamp is not None:
         x = x.clamp(*clamp)
     return x, trace
+
+
+def save_image_grid(images: Tensor, path: str | Path, nrow: int = 8, min_size: int = 32) -> Path:
+    """Images (B, C, H, W) in [0, 1] → a PNG grid (written atomically), small images upscaled (nearest,
+    an integer factor) to at least ``min_size`` pixels so that 8×8 digits are visible."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    scale = max(1, min_size // max(images.shape[-2:]))
+    big = torch.nn.functional.interpolate(images.detach().float().cpu().clamp(0, 1), scale_factor=scale, mode="nearest")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    save_image(big, str(tmp), nrow=nrow, padding=2, pad_value=0.5)
+    tmp.replace(path)
+    return path

@@ -38,22 +38,10 @@ def load_model(path: Path, train: torch.Tensor):
     return spec, model, saved
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
-    """Images (B, C, H, W) in [0, 1] → a PNG grid; small images are upscaled (nearest) to ≥ 32 pixels."""
-    from torchvision.utils import save_image
-
-    scale = max(1, 32 // max(images.shape[-2:]))
-    big = torch.nn.functional.interpolate(images.float().clamp(0, 1), scale_factor=scale, mode="nearest")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    save_image(big, str(tmp), nrow=nrow, padding=2, pad_value=0.5)
-    tmp.replace(path)
-    return path
-
-
 def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     from deqsm.data import load_split
     from deqsm.experiments import evaluate_with_samples
+    from deqsm.sampling import save_image_grid
     from pipelines.tracking import Tracker
 
     model_dir = settings.path(settings.base.out, "models", name)
@@ -76,7 +64,7 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
         torch.manual_seed(settings.base.seed)
         metrics, images = evaluate_with_samples(spec, model, splits, eval_options, truth, labels)
         if images is not None:
-            grid = save_grid(images, settings.experiment_results(name) / "samples" / f"{variant}.png")
+            grid = save_image_grid(images, settings.experiment_results(name) / "samples" / f"{variant}.png")
             tracker.log_artifact(saved["mlflow_run_id"], grid, "samples")
         metrics.update({f"train_{k}" if k in ("steps", "best_val_loss") else k: v
                         for k, v in saved["fit"].items()})
