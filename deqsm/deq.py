@@ -75,7 +75,33 @@ NORMALIZATIONS.register("spectral")(spectral_normalize)
 NORMALIZATIONS.register("operator")(spectral_normalize)
 
 
-class NormalizedLinear(nn.Module):
+class CachedNormalization(nn.Module):
+    """A layer whose ``weight`` is used normalised: :meth:`normalized_weight` recomputes it under gradients
+    and, in a graph-free solve (which calls the cell tens of times with the same weight), computes it once
+    per weight version (and ``size``, when the normalisation depends on the input's shape). The DEQ
+    drops the cache at each forward: weights written through ``.data`` keep their version counter."""
+
+    weight: nn.Parameter
+    _cached: tuple[tuple, Tensor] | None = None
+
+    def _compute(self, size: tuple[int, ...] | None) -> Tensor:
+        raise NotImplementedError
+
+    def _size_key(self, size: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return None  # the normalisation does not depend on the input's shape
+
+    def normalized_weight(self, size: tuple[int, ...] | None = None) -> Tensor:
+        w = self.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return self._compute(size)
+        key = (w.data_ptr(), w._version, w.dtype, w.device, self._size_key(size))
+        if self._cached is None or self._cached[0] != key:
+            with torch.no_grad():
+                self._cached = (key, self._compute(size))
+        return self._cached[1]
+
+
+class NormalizedLinear(CachedNormalization):
     """A bias-free linear map z ↦ Ŵ z with Ŵ = W normalised so that ‖Ŵ‖₂ ≤ 1/λ."""
 
     def __init__(self, features: int, *, lam: float = 2.0, norm: str = "frobenius") -> None:
@@ -87,19 +113,9 @@ class NormalizedLinear(nn.Module):
         self._normalize = NORMALIZATIONS.get(norm)
         self.weight = nn.Parameter(torch.empty(features, features))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-        self._cached: tuple[tuple, Tensor] | None = None
 
-    def normalized_weight(self) -> Tensor:
-        w = self.weight
-        if torch.is_grad_enabled() and w.requires_grad:
-            return self._normalize(w, self.lam)
-        # A graph-free solve calls the cell tens of times with the same weight: normalise once (an SVD
-        # for "spectral"). The key changes when the weight is replaced or updated in place.
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._cached is None or self._cached[0] != key:
-            with torch.no_grad():
-                self._cached = (key, self._normalize(w, self.lam))
-        return self._cached[1]
+    def _compute(self, size: tuple[int, ...] | None) -> Tensor:
+        return self._normalize(self.weight, self.lam)
 
     def forward(self, z: Tensor) -> Tensor:
         return z @ self.normalized_weight().t()
@@ -313,7 +329,7 @@ class DEQ(nn.Module):
         # Weights written through ``.data`` (gradcheck's perturbations) keep their version counter, so a
         # normalisation cached by an earlier forward could be stale: cache within one forward only.
         for m in self.cell.modules():
-            if isinstance(m, NormalizedLinear) or hasattr(m, "_cached"):  # NormalizedLinear, NormalizedConv2d
+            if isinstance(m, CachedNormalization):
                 m._cached = None
         params = {n: p for n, p in self.cell.named_parameters() if p.requires_grad}
         z, stats = self.backward_mode(self, x, z0, params)

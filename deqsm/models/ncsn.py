@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deqsm.config import DEQSettings
-from deqsm.deq import DEQ, NORMALIZATIONS
+from deqsm.deq import DEQ, NORMALIZATIONS, CachedNormalization
 from deqsm.losses import LOSSES, LossOutput, get_score_loss
 from deqsm.registry import Registry
 
@@ -62,7 +62,7 @@ def conv_operator_norm(weight: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.linalg.matrix_norm(blocks, ord=2).max()
 
 
-class NormalizedConv2d(nn.Module):
+class NormalizedConv2d(CachedNormalization):
     """A bias-free 'same' convolution z ↦ Ŵ ⋆ z with ‖Ŵ ⋆ ·‖₂ ≤ 1/λ: Ŵ = W / (λ k (‖W‖ + ε)) for ``norm``
     frobenius / spectral (a bound through the flattened kernel), W / (λ (‖W ⋆ ·‖₂ + ε)) for ``operator``
     (:func:`conv_operator_norm` on the input's image size)."""
@@ -77,27 +77,17 @@ class NormalizedConv2d(nn.Module):
         self._normalize = NORMALIZATIONS.get(norm)
         self.weight = nn.Parameter(torch.empty(channels, channels, kernel_size, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-        self._cached: tuple[tuple, Tensor] | None = None  # reset by the DEQ at each forward
 
-    def _compute(self, size: tuple[int, int] | None) -> Tensor:
+    def _size_key(self, size: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return size if self.norm == "operator" else None  # the operator norm depends on the image size
+
+    def _compute(self, size: tuple[int, ...] | None) -> Tensor:
         if self.norm == "operator":
             if size is None:
                 raise ValueError("norm 'operator' needs the image size (H, W) the convolution is applied to")
             return self.weight / (self.lam * (conv_operator_norm(self.weight, size) + 1e-6))
         # The factor k makes the flattened-kernel norm bound the operator norm of the convolution.
         return self._normalize(self.weight, self.lam * self.kernel_size)
-
-    def normalized_weight(self, size: tuple[int, int] | None = None) -> Tensor:
-        w = self.weight
-        if torch.is_grad_enabled() and w.requires_grad:
-            return self._compute(size)
-        # A graph-free solve calls the cell tens of times with the same weight (and, for "operator", an
-        # FFT and a batch of SVDs each time): normalise once per weight version and image size.
-        key = (w.data_ptr(), w._version, w.dtype, w.device, size if self.norm == "operator" else None)
-        if self._cached is None or self._cached[0] != key:
-            with torch.no_grad():
-                self._cached = (key, self._compute(size))
-        return self._cached[1]
 
     def forward(self, z: Tensor) -> Tensor:
         return F.conv2d(z, self.normalized_weight(tuple(z.shape[-2:])), padding=self.kernel_size // 2)
