@@ -195,15 +195,15 @@ def evaluate_with_samples(spec: ExperimentSpec, model: nn.Module, splits: dict[s
     """
     opts = EvalOptions(**(eval_options or {}))
     _check_splits(splits, ("test",))
-    device = next(model.parameters()).device
-    test = splits["test"].to(device)
-    dim = test[0].numel()
-    gen = lambda dev="cpu": torch.Generator(device=dev).manual_seed(opts.seed)  # noqa: E731 — same draws for every model
     entry = _entry(spec)
     if entry.evaluate is not None:
         torch.manual_seed(opts.seed)
         metrics, images = entry.evaluate(model, splits, opts, spec, labels)
         return {"params": float(count_parameters(model)), **metrics}, images
+    device = next(model.parameters()).device
+    test = splits["test"].to(device)
+    dim = test[0].numel()
+    gen = lambda dev="cpu": torch.Generator(device=dev).manual_seed(opts.seed)  # noqa: E731 — same draws for every model
     was_training = model.training
     model.eval()
     torch.manual_seed(opts.seed)  # the losses' own draws (dsm noise): reproducible across models

@@ -421,15 +421,13 @@ class MainMetric:
     unit: str  # words after a value in the findings
 
 
-FD_EXTRAS = ("_train_vs_test",)
-
-
 def main_metric(data: ExperimentData) -> MainMetric:
+    from deqsm.metrics.fid import FEATURE_EXTRACTORS
+
     keys = {k for m in data.metrics.values() for k in m}
     if "test_elbo" in keys:
         return MainMetric("test_elbo", "test ELBO (nats)", True, "nats")
-    fd = sorted(k for k in keys if k.startswith(("fid_", "fd_")) and not k.endswith(FD_EXTRAS)
-                and k not in ("fd_samples", "fd_classifier_test_accuracy"))
+    fd = sorted(keys & {FEATURE_EXTRACTORS.get(name).metric_name for name in FEATURE_EXTRACTORS})
     if fd:
         return MainMetric(fd[0], f"{fd[0]} (lower is better)", False, "")
     return MainMetric("test_loglik", "test log-lik (nats) ± se", True, "nats")
@@ -438,6 +436,7 @@ def main_metric(data: ExperimentData) -> MainMetric:
 def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
     """One row per variant (× the experiment's loss): raw values, None where unknown."""
     rows = []
+    main = main_metric(data)
     for variant in data.variants():
         m = data.metrics.get(variant)
         curve = data.curves.get(variant)
@@ -459,13 +458,11 @@ def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
         if se is None and g("test_loglik_sample_se") is not None:
             se, se_kind = g("test_loglik_sample_se"), "test_loglik_sample_se"
         peak = g("peak_bytes")
-        main = main_metric(data)
         score_peak = g("score_step_peak_bytes")
         rows.append({
             "main_metric": main.key, "main_value": g(main.key),
             "main_se": se if main.key == "test_loglik" else None,
             "test_elbo": g("test_elbo"), "test_iw_loglik": g("test_iw_loglik"),
-            "fd": g(main.key) if not main.higher_is_better else None,
             "fd_train_vs_test": g(f"{main.key}_train_vs_test") if not main.higher_is_better else None,
             "score_step_peak_mib": score_peak / MIB if score_peak is not None else None,
             "experiment": data.name, "variant": variant, "kind": data.kind(variant) or "",
@@ -483,7 +480,7 @@ def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
 
 
 CSV_COLUMNS = ["experiment", "variant", "kind", "depth", "loss", "status", "main_metric", "main_value",
-               "test_loglik", "test_loglik_se", "se_kind", "test_elbo", "test_iw_loglik", "fd", "fd_train_vs_test",
+               "test_loglik", "test_loglik_se", "se_kind", "test_elbo", "test_iw_loglik", "fd_train_vs_test",
                "score_step_peak_mib", "test_bpd", "peak_mib", "peak_bytes", "memory_kind", "step_ms_median", "params", "solver_nstep_mean",
                "solver_final_residual", "solver_residual_max", "solver_source", "test_ssm_loss", "test_sm_loss", "test_loss",
                "fisher_divergence", "train_steps", "train_best_val_loss"]
