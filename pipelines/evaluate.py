@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 import torch
 
+from pipelines.artifacts import Artifacts, load_model, load_splits, write_atomic
 from pipelines.settings import Settings, load_experiment_stage, main_guard
-from pipelines.tune import load_experiment_splits
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,47 +23,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_model(path: Path, train: torch.Tensor):
-    """Rebuild a saved variant: its spec builds the architecture, the weights load with weights_only."""
-    from deqsm.experiments import ExperimentSpec, build
-
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 — re-raised naming the file
-        raise ValueError(f"cannot load model file {path}: {err}") from err
-    spec = ExperimentSpec(**saved["spec"])
-    model, _ = build(spec, train)
-    model.load_state_dict(saved["state_dict"])
-    return spec, model, saved
-
-
 def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
-    from deqsm.data import load_split
+    from deqsm.data import load_split, true_density
     from deqsm.experiments import evaluate_with_samples
     from deqsm.sampling import save_image_grid
     from pipelines.tracking import Tracker
 
-    model_dir = settings.path(settings.base.out, "models", name)
-    files = sorted(model_dir.glob("*.pt"))
+    artifacts = Artifacts.of(settings)
+    files = artifacts.models(name)
     if not files:
-        raise FileNotFoundError(f"no trained models in {model_dir}: run the train stage first (dvc repro train@{name})")
+        raise FileNotFoundError(f"no trained models in {artifacts.models_dir(name)}: run the train stage first "
+                                f"(dvc repro train@{name})")
     dataset = settings.experiments[name].dataset
-    splits = load_experiment_splits(settings, dataset)
-    from deqsm.data import true_density
-
-    truth = true_density(settings.path(settings.data.root), dataset)  # generated data: exact score and log p
-    labels = {s: load_split(settings.path(settings.data.root), dataset, s).y for s in ("train", "test")}
+    splits = load_splits(artifacts, dataset)
+    truth = true_density(artifacts.data_root, dataset)  # generated data: exact score and log p
+    labels = {s: load_split(artifacts.data_root, dataset, s).y for s in ("train", "test")}
     eval_options = {**settings.eval.model_dump(), **settings.experiments[name].eval_options}
     tracker = Tracker(settings.tracking_uri())
     results: dict[str, dict] = {}
-    (settings.experiment_results(name) / "samples").mkdir(parents=True, exist_ok=True)  # a DVC out, maybe empty
+    artifacts.samples_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out, maybe empty
     for path in files:
         variant = path.stem
         spec, model, saved = load_model(path, splits["train"])
         torch.manual_seed(settings.base.seed)
         metrics, images = evaluate_with_samples(spec, model, splits, eval_options, truth, labels)
         if images is not None:
-            grid = save_image_grid(images, settings.experiment_results(name) / "samples" / f"{variant}.png")
+            grid = save_image_grid(images, artifacts.sample_grid(name, variant))
             tracker.log_artifact(saved["mlflow_run_id"], grid, "samples")
         metrics.update({f"train_{k}" if k in ("steps", "best_val_loss") else k: v
                         for k, v in saved["fit"].items()})
@@ -74,9 +58,7 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
                                                      for k, v in metrics.items() if isinstance(v, (int, float))})
         print(f"{name}/{variant}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                                                 if isinstance(v, float) and k.startswith("test")), flush=True)
-    out = settings.experiment_results(name) / "metrics.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, sort_keys=True))
+    write_atomic(artifacts.metrics(name), json.dumps(results, indent=2, sort_keys=True))
     return results
 
 

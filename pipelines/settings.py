@@ -163,6 +163,47 @@ class EvalSettings(Strict):
     batch_size: int = Field(500, ge=1)
 
 
+class FidelitySettings(Strict):
+    """The fidelity stage: phantom-K vs exact implicit gradients of every trained DEQ (the paper's appendix C)."""
+
+    rows: int = Field(128, ge=1, description="test rows the gradients are taken on")
+    ks: list[int] = Field([1, 2, 4, 8], min_length=1, description="phantom steps K compared with the exact gradient")
+
+    @field_validator("ks")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"phantom steps must be >= 1, got {v}")
+        return v
+
+
+class BenchSettings(Strict):
+    """The bench stage: benchmarks/memory_depth.py (one SSM step of explicit depth L vs one DEQ layer). The
+    defaults take seconds on 2 CPU cores; the paper's size is in_dim 784, width 1000, batch 128."""
+
+    device: str = Field("cpu", description="cpu | cuda | auto")
+    in_dim: int = Field(32, ge=1)
+    width: int = Field(64, ge=1)
+    batch: int = Field(16, ge=1)
+    depths: list[int] = Field([1, 2, 4, 8, 16, 32], min_length=1, description="explicit depths L")
+    iters: list[int] = Field([5, 10, 20], min_length=1, description="DEQ solver iterations")
+    backwards: list[Literal["phantom", "implicit", "unroll"]] = Field(["phantom", "implicit", "unroll"], min_length=1)
+    repeats: int = Field(1, ge=1, description="timed steps per variant (after one warm-up)")
+    timeout: float = Field(600.0, gt=0, description="seconds before the benchmark is stopped")
+
+    @field_validator("depths", "iters")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(x < 1 for x in v):
+            raise ValueError(f"values must be >= 1, got {v}")
+        return v
+
+    def script_args(self) -> list[str]:
+        return ["--device", self.device, "--in-dim", str(self.in_dim), "--width", str(self.width),
+                "--batch", str(self.batch), "--depths", *map(str, self.depths), "--iters", *map(str, self.iters),
+                "--backwards", *self.backwards, "--repeats", str(self.repeats)]
+
+
 class TrackingSettings(Strict):
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; relative sqlite paths are from the repo")
     experiment_prefix: str = ""
@@ -176,6 +217,8 @@ class Settings(Strict):
     experiments: dict[str, ExperimentSettings] = Field(default_factory=dict)
     tune: TuneSettings = Field(default_factory=TuneSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    fidelity: FidelitySettings = Field(default_factory=FidelitySettings)
+    bench: BenchSettings = Field(default_factory=BenchSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     _root: Path = PrivateAttr(default=ROOT)  # the folder of params.yaml: relative paths start there
 
@@ -193,19 +236,12 @@ class Settings(Strict):
         """The folder of params.yaml (the DVC project): relative paths in the settings start there."""
         return self._root
 
-    def tracking_uri(self) -> str:
+    def tracking_uri(self, root: Path | None = None) -> str:
+        """params.yaml's tracking URI; a relative SQLite path starts at ``root`` (default: params.yaml's folder)."""
         uri = self.tracking.uri
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            return "sqlite:///" + str(self._root / uri[len("sqlite:///"):])
+            return "sqlite:///" + str((root or self._root) / uri[len("sqlite:///"):])
         return uri
-
-    def path(self, *parts: str) -> Path:
-        return self._root.joinpath(*parts)
-
-    def experiment_results(self, name: str) -> Path:
-        """``<results>/experiments/<name>``: metrics.json (evaluate) and curves/ (train). Apart from the
-        report's own files in ``<results>``, so the report stage can depend on the whole folder."""
-        return self.path(self.base.results, "experiments", name)
 
 
 def _unknown_key(loc: tuple, root: type[BaseModel]) -> str:

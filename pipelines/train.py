@@ -10,10 +10,8 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
+from pipelines.artifacts import Artifacts, load_splits, save_model
 from pipelines.settings import Settings, flatten, load_experiment_stage, main_guard
-from pipelines.tune import load_experiment_splits
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,17 +53,17 @@ def train_experiment(settings: Settings, name: str) -> None:
     from deqsm.train import TrainSettings
     from pipelines.tracking import Tracker, provenance_tags
 
-    best_file = settings.path(settings.base.out, "tune", name, "best.json")
+    artifacts = Artifacts.of(settings)
+    best_file = artifacts.tune_best(name)
     if not best_file.exists():
         raise FileNotFoundError(f"{best_file} is missing: run the tune stage first (dvc repro tune@{name})")
     best = json.loads(best_file.read_text())["best"]
-    splits = load_experiment_splits(settings, settings.experiments[name].dataset)
+    splits = load_splits(artifacts, settings.experiments[name].dataset)
     tracker = Tracker(settings.tracking_uri())
     mlflow_exp = settings.tracking.experiment_prefix + name
     parent = tracker.start_run(mlflow_exp, f"train-{time.strftime('%Y%m%d-%H%M%S')}", {},
                                {"stage": "train", **provenance_tags(settings.base.device, settings.root)})
-    model_dir = settings.path(settings.base.out, "models", name)
-    model_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.models_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out, even when no variant trains
     for variant, entry in sorted(best.items()):
         cfg = entry["config"]
         train_cfg = {**cfg["train"], "steps": settings.train.steps}  # the full budget, not tune.steps
@@ -88,13 +86,11 @@ def train_experiment(settings: Settings, name: str) -> None:
         summary = {**fit.summary(), **solver.summary(), "params": float(n_params)}
         tracker.log_metrics(run_id, {k: v for k, v in summary.items() if not isinstance(v, str)}, step=fit.steps)
         tracker.set_tags(run_id, {"memory_kind": fit.memory_kind})
-        curve_path = settings.experiment_results(name) / "curves" / f"{variant}.csv"
+        curve_path = artifacts.curve(name, variant)
         curve.write(curve_path)
         tracker.log_artifact(run_id, curve_path, "curves")
-        tmp = model_dir / f"{variant}.pt.tmp"
-        torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "spec": cfg["spec"],
-                    "train": train_cfg, "fit": summary, "history": fit.history, "mlflow_run_id": run_id}, tmp)
-        tmp.replace(model_dir / f"{variant}.pt")
+        save_model(artifacts.model(name, variant), model, spec=cfg["spec"], train=train_cfg, fit=summary,
+                   history=fit.history, mlflow_run_id=run_id)
         tracker.end_run(run_id, "FINISHED")
     tracker.end_run(parent, "FINISHED")
 

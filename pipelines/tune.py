@@ -12,6 +12,7 @@ import json
 import sys
 import time
 
+from pipelines.artifacts import Artifacts, load_splits, write_atomic
 from pipelines.settings import ParamsError, Settings, load_params, main_guard, trial_config
 
 
@@ -20,12 +21,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--experiment", action="append", help="run only this experiment (repeatable)")
     return p.parse_args(argv)
-
-
-def load_experiment_splits(settings: Settings, dataset: str) -> dict:
-    from deqsm.data import load_splits
-
-    return load_splits(settings.path(settings.data.root), dataset)
 
 
 def check_models_build(settings: Settings, names: list[str], splits: dict[str, dict]) -> None:
@@ -55,15 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise ParamsError(f"unknown experiment(s) {unknown}; in params.yaml: {', '.join(settings.experiments)}")
     # Check every input before any work starts (a missing or corrupt dataset fails here).
-    splits = {name: load_experiment_splits(settings, settings.experiments[name].dataset) for name in names}
+    artifacts = Artifacts.of(settings)
+    splits = {name: load_splits(artifacts, settings.experiments[name].dataset) for name in names}
     check_models_build(settings, names, splits)
 
     from pipelines.ray_search import ray_session, run_search
     from pipelines.tracking import Tracker, provenance_tags
 
     tracker = Tracker(settings.tracking_uri())
-    out_dir = settings.path(settings.base.out, "tune")
-    storage = settings.path(settings.base.out, "ray")
+    storage = artifacts.ray_storage
     failures: list[str] = []
     with ray_session(settings) as resources:
         print(f"ray: {resources}", flush=True)
@@ -101,9 +96,7 @@ def main(argv: list[str] | None = None) -> None:
                 failures.append(f"{name}: no trial finished — {reason}")
             elif missing:
                 print(f"warning: {name}: no finished trial for variant(s) {missing} — {reason}", file=sys.stderr)
-            exp_dir = out_dir / name
-            exp_dir.mkdir(parents=True, exist_ok=True)
-            (exp_dir / "best.json").write_text(json.dumps(
+            write_atomic(artifacts.tune_best(name), json.dumps(
                 {"experiment": name, "parent_run_id": outcome.parent_run_id, "trials": outcome.n_trials,
                  "failed": outcome.failed, "best": outcome.best}, indent=2, sort_keys=True, default=str))
             print(f"{name}: {outcome.n_trials} trials, best per variant: "

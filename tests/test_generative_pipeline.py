@@ -100,8 +100,9 @@ def test_report_judges_them_by_elbo_and_fd(project):
     diff = vae["deq"]["test_elbo"] - vae["explicit"]["test_elbo"]
     assert f"difference {diff:+.3f}" in report
     assert "experiments/vae-digits/samples/deq.png" in report and "experiments/ncsn-digits/samples/deq.png" in report
-    fidelity = json.loads((root / "results" / "fidelity.json").read_text())
-    assert set(fidelity) == {"vae-digits", "ncsn-digits"}, "phantom-vs-exact gradients of the DEQ score nets too"
+    fidelity = {exp: json.loads((root / "results" / "experiments" / exp / "fidelity.json").read_text())
+                for exp in ("vae-digits", "ncsn-digits")}
+    assert all(set(f) == {"deq"} for f in fidelity.values()), "phantom-vs-exact gradients of the DEQ score nets too"
     for exp in fidelity.values():
         ks = [r["k"] for r in exp["deq"]["results"]]
         assert ks == sorted(ks) and all(-1 <= r["grad_cosine"] <= 1 for r in exp["deq"]["results"])

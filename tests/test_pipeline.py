@@ -36,7 +36,7 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
     ran = _ran(first)
     assert "prepare" in ran
     for exp in EXPERIMENTS:
-        assert {f"tune@{exp}", f"train@{exp}", f"evaluate@{exp}"} <= ran
+        assert {f"tune@{exp}", f"train@{exp}", f"evaluate@{exp}", f"fidelity@{exp}"} <= ran
         metrics = json.loads((root / "results" / "experiments" / exp / "metrics.json").read_text())
         assert set(metrics) == {"deq", "explicit-2"}
         for row in metrics.values():
@@ -53,7 +53,7 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
     assert "fisher_divergence" in mixture["deq"], "generated data: the true score is known"
     nice = json.loads((root / "results" / "experiments" / "nice-digits" / "metrics.json").read_text())
     assert nice["deq"]["test_bpd"] > 0
-    assert "report" in ran
+    assert {"bench", "report"} <= ran
     report = (root / "results" / "REPORT.md").read_text()
     for exp in EXPERIMENTS:
         assert exp in report and (root / "results" / "tables" / f"{exp}.md").exists()

@@ -77,7 +77,7 @@ def test_trials_land_on_both_nodes(two_node_cluster, tmp_path):
     settings = Settings.model_validate(params)
     settings._root = tmp_path
     prepare_datasets(settings.data, tmp_path, ["mixture"])
-    splits = {k: v for k, v in load_splits(settings.path(settings.data.root), "mixture").items() if k != "test"}
+    splits = {k: v for k, v in load_splits(tmp_path / settings.data.root, "mixture").items() if k != "test"}
     base = {v: trial_config(settings, "dkef-mixture", v) for v in settings.experiments["dkef-mixture"].variants}
     for cfg in base.values():
         cfg["train"]["steps"] = settings.tune.steps

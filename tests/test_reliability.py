@@ -170,7 +170,7 @@ class _Payload:
 
 def test_checkpoints_with_pickled_objects_are_refused(tmp_path):
     from deqsm.train import TrainingError, load_checkpoint
-    from pipelines.evaluate import load_model
+    from pipelines.artifacts import load_model
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"

@@ -1,7 +1,7 @@
-"""The report stage on a small, fake results tree (the formats the evaluate / train / tune stages write)
-with a real trained DEQ model for the gradient fidelity and a real MLflow SQLite store: tables hold the
-numbers, missing metrics read "—", figures are PNGs, conclusions come from the numbers, artifacts are
-logged, and missing inputs fail with errors that name the file and the stage to run."""
+"""The report stage on a small, fake results tree (the formats the evaluate / train / tune stages write),
+with a real trained DEQ model measured by the real fidelity stage, the real bench stage, and a real MLflow
+SQLite store: tables hold the numbers, missing metrics read "—", figures are PNGs, conclusions come from the
+numbers, artifacts are logged, and missing inputs fail with errors that name the file and the stage to run."""
 import csv
 import json
 import subprocess
@@ -15,7 +15,9 @@ import yaml
 from deqsm.data import load_splits, prepare_datasets
 from deqsm.experiments import ExperimentSpec, train_model
 from deqsm.train import TrainSettings
-from pipelines import report
+from pipelines import bench, fidelity, report
+from pipelines.artifacts import Artifacts, save_model
+from pipelines.reporting import inputs, tables
 from pipelines.settings import load_params
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -71,6 +73,7 @@ def tree(tmp_path_factory):
             "variants": {"deq": {"variant": "deq"}, "explicit-2": {"variant": "explicit", "depth": 2},
                          "explicit-4": {"variant": "explicit", "depth": 4},
                          "explicit-8": {"variant": "explicit", "depth": 8}}}},
+        "fidelity": {"rows": 40},
         "tracking": {"uri": "sqlite:///mlflow.db"},  # relative: from the params file's folder
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -80,10 +83,8 @@ def tree(tmp_path_factory):
     spec = ExperimentSpec(name="toy/deq", model="dkef", variant="deq", width=8, model_options={"n_inducing": 5},
                           loss={"name": "ssm"}, deq=settings.deq)
     model, fit = train_model(spec, splits, TrainSettings(steps=3, batch_size=32, eval_every=3, progress=False))
-    models = root / "out/models/toy"
-    models.mkdir(parents=True)
-    torch.save({"state_dict": model.state_dict(), "spec": spec.model_dump(), "train": {}, "fit": fit.summary(),
-                "history": fit.history, "mlflow_run_id": "none"}, models / "deq.pt")
+    save_model(Artifacts.of(settings).model("toy", "deq"), model, spec=spec.model_dump(), train={},
+               fit=fit.summary(), history=fit.history, mlflow_run_id="none")
     results = root / "results/experiments/toy"
     results.mkdir(parents=True)
     (results / "metrics.json").write_text(json.dumps(METRICS))
@@ -93,21 +94,22 @@ def tree(tmp_path_factory):
     (root / "out/tune/toy/best.json").write_text(json.dumps(
         {"trials": 5, "failed": {"explicit-8": ["TrainingError: non-finite loss"]},
          "best": {"deq": {"sample": {"train.lr": 0.001}, "metrics": {"val_loss": -0.45}}}}))
-    (root / "out/benchmarks").mkdir(parents=True)
-    (root / "out/benchmarks/memory_depth.jsonl").write_text(
+    (root / "results/benchmarks").mkdir(parents=True)
+    (root / "results/benchmarks/memory_depth.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in BENCH_ROWS) + json.dumps({"summary": {}}) + "\n")
     return root, settings
 
 
 @pytest.fixture(scope="module")
 def built(tree):
-    """The stage as DVC runs it: the CLI, paths relative to the params file's folder."""
+    """The fidelity and report stages as DVC runs them: the CLI, paths relative to the params file's folder."""
     root, settings = tree
     threads = torch.get_num_threads()
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(root)  # MLflow's default artifact root (./mlruns) lands in the tree
-            report.main(["--params", str(root / "params.yaml"), "--fidelity-rows", "40"])
+            fidelity.main(["--params", str(root / "params.yaml"), "--experiment", "toy"])
+            report.main(["--params", str(root / "params.yaml")])
     finally:
         torch.set_num_threads(threads)  # the stage applies base.threads
     return root, settings
@@ -123,8 +125,8 @@ def test_tables_hold_the_numbers_and_dashes_for_missing_metrics(built):
     assert "7.5" in deq and "1.00e-07" in deq and "-0.4321" in deq  # solver steps, final residual, test SSM
     ex4 = rows["explicit-4 (depth 4)"]
     assert "-2.400" in ex4  # no standard error: the value alone
-    assert ex4[3] == report.DASH and ex4[5] == report.DASH and ex4[7] == report.DASH  # bpd, ms/step, solver steps
-    assert all(c == report.DASH for c in rows["explicit-8 (depth 8)"][2:])
+    assert ex4[3] == tables.DASH and ex4[5] == tables.DASH and ex4[7] == tables.DASH  # bpd, ms/step, solver steps
+    assert all(c == tables.DASH for c in rows["explicit-8 (depth 8)"][2:])
     assert "autograd_saved_bytes" in md and "No metrics for explicit-8" in md
     with open(root / "results/tables/toy.csv") as f:
         csv_rows = {r["variant"]: r for r in csv.DictReader(f)}
@@ -153,8 +155,8 @@ def test_figures_and_plot_data_exist(built):
 
 def test_fidelity_compares_phantom_with_the_exact_gradient(built):
     root, _ = built
-    fid = json.loads((root / "results/fidelity.json").read_text())
-    assert list(fid) == ["toy"] and list(fid["toy"]) == ["deq"]  # explicit variants have no DEQ layer
+    fid = {"toy": json.loads((root / "results/experiments/toy/fidelity.json").read_text())}
+    assert list(fid["toy"]) == ["deq"]  # explicit variants have no DEQ layer
     res = fid["toy"]["deq"]["results"]
     assert [r["k"] for r in res] == [1, 2, 4, 8] and fid["toy"]["deq"]["rows"] == 40
     assert all(-1 - 1e-6 <= r["grad_cosine"] <= 1 + 1e-6 and r["grad_rel_error"] >= 0 for r in res)
@@ -190,7 +192,9 @@ def test_artifacts_are_logged_to_a_report_run(built):
     runs = tracker.runs("toy", "tags.stage = 'report'")
     assert len(runs) == 1 and runs[0].info.run_name == "report" and runs[0].info.status == "FINISHED"
     top = {a.path for a in tracker.client.list_artifacts(runs[0].info.run_id)}
-    assert {"REPORT.md", "fidelity.json", "figures", "tables"} <= top
+    assert {"REPORT.md", "figures", "tables", "experiments"} <= top
+    own = {a.path for a in tracker.client.list_artifacts(runs[0].info.run_id, "experiments/toy")}
+    assert "experiments/toy/fidelity.json" in own  # the fidelity stage's file, as the report read it
     figs = {a.path for a in tracker.client.list_artifacts(runs[0].info.run_id, "figures")}
     assert {"figures/memory_depth.png", "figures/training_toy.png", "figures/fidelity.png"} <= figs
     metrics = runs[0].data.metrics
@@ -211,16 +215,30 @@ def test_missing_metrics_name_the_file_and_the_stage(tree, tmp_path):
     assert not (root / "results/experiments/other").exists()
 
 
-def test_missing_curve_and_model_name_the_train_stage(tree, tmp_path):
+def test_missing_curve_and_fidelity_name_their_stages(tree, tmp_path):
     root, settings = tree
-    layout = report.Layout(settings, tmp_path)
+    artifacts = Artifacts.of(settings, tmp_path)
     (tmp_path / "results/experiments/toy/curves").mkdir(parents=True)
     (tmp_path / "results/experiments/toy/metrics.json").write_text(json.dumps({"deq": METRICS["deq"]}))
-    with pytest.raises(report.ReportError, match=r"curves/deq.csv is missing.*dvc repro train@toy"):
-        report.read_experiment(layout, "toy")
+    with pytest.raises(inputs.ReportError, match=r"curves/deq.csv is missing.*dvc repro train@toy"):
+        inputs.read_experiment(artifacts, settings, "toy")
     write_curve(tmp_path / "results/experiments/toy/curves/deq.csv", deq=True)
-    with pytest.raises(report.ReportError, match=r"models/toy/deq.pt is missing.*dvc repro train@toy"):
-        report.read_experiment(layout, "toy")
+    with pytest.raises(inputs.ReportError, match=r"toy/fidelity.json is missing.*dvc repro fidelity@toy"):
+        inputs.read_experiment(artifacts, settings, "toy")
+    (tmp_path / "results/experiments/toy/fidelity.json").write_text("{not json")
+    with pytest.raises(inputs.ReportError, match=r"fidelity.json is not valid JSON.*dvc repro fidelity@toy"):
+        inputs.read_experiment(artifacts, settings, "toy")
+
+
+def test_fidelity_stage_skips_a_deq_without_a_model(tree, tmp_path, capsys):
+    """A DEQ variant whose tuning failed has no model: the stage says so and measures the others."""
+    root, settings = tree
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "data").symlink_to(root / "data")
+    fidelity.main(["--params", str(tmp_path / "params.yaml"), "--experiment", "toy"])
+    assert json.loads((tmp_path / "results/experiments/toy/fidelity.json").read_text()) == {}
+    assert "no trained model for DEQ variant(s) ['deq']" in capsys.readouterr().out
 
 
 def test_mlflow_failure_is_an_error(tree, tmp_path, monkeypatch):
@@ -229,32 +247,43 @@ def test_mlflow_failure_is_an_error(tree, tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("not a folder")
     bad = settings.model_copy(update={"tracking": settings.tracking.model_copy(
         update={"uri": f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}"})})
-    layout = report.Layout(bad, root)
-    data = report.read_experiment(layout, "toy")
+    artifacts = Artifacts.of(bad, root)
+    data = inputs.read_experiment(artifacts, bad, "toy")
     (tmp_path / "x.md").write_text("x")
-    with pytest.raises(report.ReportError, match="MLflow"):
-        report.log_to_mlflow(layout, [data], {}, [tmp_path / "x.md"], {}, {}, {})
+    with pytest.raises(inputs.ReportError, match="MLflow"):
+        report.log_to_mlflow(artifacts, bad, [data], {}, [tmp_path / "x.md"], {}, {}, {})
 
 
 def test_curves_from_the_train_stage_format(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text("step,solver.nets.0.deq_abs_residual_max,solver.nets.0.deq_nstep,solver.nets.1.deq_abs_residual_max,"
                     "solver.nets.1.deq_nstep,train_loss,val_loss\n1,1e-6,4,3e-6,6,0.5,\n2,,,,,,0.4\n")
-    curve = report.Curve.read(path)
+    curve = inputs.Curve.read(path)
     assert curve.loss_key == "train_loss"
     assert curve.residuals() == ([1.0], [3e-6]) and curve.nsteps() == ([1.0], [5.0])
     assert curve.series("val_loss") == ([2.0], [0.4])
 
 
 @pytest.mark.slow
-def test_memory_benchmark_runs_when_its_file_is_absent(tmp_path):
-    bench = report.memory_benchmark(tmp_path / "absent.jsonl", timeout=180)
-    assert "run by this stage" in bench.source
-    assert [d for d, _ in bench.explicit()] == [1, 2, 4, 8, 16, 32]
-    deq = bench.deq()
+def test_bench_stage_writes_the_memory_benchmark_rows(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"bench": {"iters": [5, 10]}}))
+    bench.main(["--params", str(tmp_path / "params.yaml")])
+    rows = inputs.read_memory_bench(tmp_path / "results/benchmarks/memory_depth.jsonl")
+    assert [d for d, _ in rows.explicit()] == [1, 2, 4, 8, 16, 32]
+    deq = rows.deq()
     assert set(deq) == {"phantom", "implicit", "unroll"}
     phantom = [r["peak_bytes"] for r in deq["phantom"]]
-    assert max(phantom) == min(phantom) < bench.explicit()[-1][1]["peak_bytes"]
+    assert max(phantom) == min(phantom) < rows.explicit()[-1][1]["peak_bytes"]
+    assert [r["solver_iters"] for r in deq["unroll"]] == [5, 10]
+
+
+def test_bench_stage_names_a_bad_benchmark_output(tmp_path):
+    from pipelines.artifacts import memory_bench_rows
+
+    with pytest.raises(ValueError, match="out.jsonl, line 2: not JSON"):
+        memory_bench_rows(['{"variant": "deq-phantom", "peak_bytes": 1}', "{oops"], "out.jsonl")
+    with pytest.raises(ValueError, match="line 1: a benchmark row needs 'variant' and 'peak_bytes'"):
+        memory_bench_rows(['{"variant": "x"}'], "out.jsonl")
 
 
 def test_solver_stats_fall_back_to_the_curve(tree, tmp_path):
@@ -262,11 +291,11 @@ def test_solver_stats_fall_back_to_the_curve(tree, tmp_path):
     path = tmp_path / "deq.csv"
     write_curve(path, deq=True)  # solver steps 7, 6, 5; residuals 1e-5, 1e-6, 1e-7
     metrics = {k: v for k, v in METRICS["deq"].items() if not k.startswith("solver")}
-    data = report.ExperimentData("toy", settings.experiments["toy"], {"deq": metrics}, {"deq": report.Curve.read(path)}, None)
-    row = next(r for r in report.table_rows(data) if r["variant"] == "deq")
+    data = inputs.ExperimentData("toy", settings.experiments["toy"], {"deq": metrics}, {"deq": inputs.Curve.read(path)}, None)
+    row = next(r for r in tables.table_rows(data) if r["variant"] == "deq")
     assert row["solver_nstep_mean"] == 6.0 and row["solver_residual_max"] == pytest.approx(1e-5)
     assert row["solver_final_residual"] == pytest.approx(1e-7) and row["solver_source"] == "curve"
-    assert "averaged over the training curve's logged steps" in report.experiment_table_md(data, report.table_rows(data))
+    assert "averaged over the training curve's logged steps" in tables.experiment_table_md(data, tables.table_rows(data))
 
 
 def test_out_dir_keeps_the_report_apart_from_its_inputs(built, tmp_path, monkeypatch):
@@ -274,11 +303,9 @@ def test_out_dir_keeps_the_report_apart_from_its_inputs(built, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     other = settings.model_copy(update={"tracking": settings.tracking.model_copy(
         update={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})})
-    out = report.run_report(other, root / "params.yaml", root, fidelity_rows=8, fidelity_k=(1, 2),
-                            out_dir=Path("report"))
+    out = report.run_report(other, root / "params.yaml", root, out_dir=Path("report"))
     assert out["report"] == root / "report" / "REPORT.md"
-    for name in ("tables/toy.md", "tables/fidelity.csv", "figures/training_toy.png", "plots/memory_depth.csv",
-                 "fidelity.json"):
+    for name in ("tables/toy.md", "tables/fidelity.csv", "figures/training_toy.png", "plots/memory_depth.csv"):
         assert (root / "report" / name).stat().st_size > 0, name
     text = out["report"].read_text()
     assert "`../results/experiments/toy/metrics.json`" in text and "](figures/training_toy.png)" in text

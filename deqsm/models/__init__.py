@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -18,12 +18,26 @@ from torch import nn
 from deqsm.config import DEQSettings
 from deqsm.models.dkef import build_dkef, dkef_objective, finalize_dkef
 from deqsm.models.energy_mlp import DEQEnergyMLP, ExplicitEnergyMLP
-from deqsm.models.generative import build_ncsn, build_vae, evaluate_ncsn, evaluate_vae, ncsn_objective, vae_objective
+from deqsm.models.generative import (build_ncsn, build_vae, evaluate_ncsn, evaluate_vae, ncsn_headline, ncsn_objective,
+                                     vae_objective)
 from deqsm.models.nice import build_nice
 from deqsm.registry import Registry
 
 Tensor = torch.Tensor
 STANDARD_ARGS = ("dim", "variant", "width", "depth", "deq", "train")
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The number a model family's experiments are judged by (the first column of its report table)."""
+
+    key: str  # the metric's key in metrics.json
+    label: str  # the table's column header
+    higher_is_better: bool
+    unit: str  # words after a value in the findings ("" for none)
+
+
+TEST_LOGLIK = Headline("test_loglik", "test log-lik (nats) ± se", True, "nats")
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,8 @@ class ModelBuilder:
         finalize: ``finalize(model, loss, options, train)`` after training, or None.
         evaluate: ``evaluate(model, splits, eval_options, spec, labels) -> (metrics, images or None)`` for a
             model that is not an energy (replaces the energy evaluation: losses, log-likelihood), or None.
+        headline: what the family is judged by: a :class:`Headline`, or ``headline(metric_keys) -> Headline``
+            when its key depends on the evaluation (NCSN's Fréchet distance names its feature extractor).
     """
 
     build: Callable[..., nn.Module]
@@ -45,6 +61,11 @@ class ModelBuilder:
     objective: Callable[..., Callable] | None = None
     finalize: Callable[..., None] | None = None
     evaluate: Callable[..., tuple[dict[str, float], Any]] | None = None
+    headline: Headline | Callable[[Iterable[str]], Headline] = TEST_LOGLIK
+
+    def headline_of(self, metric_keys: Iterable[str]) -> Headline:
+        """The headline metric of a run whose metrics.json holds ``metric_keys``."""
+        return self.headline if isinstance(self.headline, Headline) else self.headline(metric_keys)
 
     def options(self) -> list[str]:
         """The model-specific keyword options (``model_options``) of :attr:`build`."""
@@ -74,5 +95,7 @@ MODELS: Registry[ModelBuilder] = Registry("model")
 MODELS.register("dkef")(ModelBuilder(build_dkef, objective=dkef_objective, finalize=finalize_dkef))
 MODELS.register("nice")(ModelBuilder(build_nice, normalised=True))
 MODELS.register("energy_mlp")(ModelBuilder(build_energy_mlp))
-MODELS.register("vae")(ModelBuilder(build_vae, objective=vae_objective, evaluate=evaluate_vae))
-MODELS.register("ncsn")(ModelBuilder(build_ncsn, objective=ncsn_objective, evaluate=evaluate_ncsn))
+MODELS.register("vae")(ModelBuilder(build_vae, objective=vae_objective, evaluate=evaluate_vae,
+                                    headline=Headline("test_elbo", "test ELBO (nats)", True, "nats")))
+MODELS.register("ncsn")(ModelBuilder(build_ncsn, objective=ncsn_objective, evaluate=evaluate_ncsn,
+                                     headline=ncsn_headline))

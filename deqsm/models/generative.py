@@ -172,6 +172,17 @@ def _feature_classifier(images: Tensor, labels: Tensor, seed: int, epochs: int) 
     return _CLASSIFIERS[key]
 
 
+def ncsn_headline(metric_keys: Any):
+    """NCSN is judged by the Fréchet distance of its samples, named by its feature extractor
+    (``fd_digits_cnn``, ``fid_inception``); lower is better."""
+    from deqsm.metrics.fid import FEATURE_EXTRACTORS
+    from deqsm.models import Headline
+
+    names = [FEATURE_EXTRACTORS.get(name).metric_name for name in FEATURE_EXTRACTORS]
+    key = next((n for n in sorted(names) if n in set(metric_keys)), "fd")
+    return Headline(key, f"{key} (lower is better)", False, "")
+
+
 def evaluate_ncsn(model: NCSN, splits: dict[str, Tensor], opts: Any, spec: Any,
                   labels: dict[str, Tensor] | None = None) -> tuple[dict[str, float], Tensor]:
     """The test loss, and ``opts.fd_samples`` samples by annealed Langevin dynamics (uniform start on the

@@ -1,0 +1,183 @@
+"""Every file the pipeline writes under ``base.out`` and ``base.results``, and the trained-model format.
+
+The stages are siblings that never import each other: what one writes and the next reads is named here,
+once. dvc.yaml's ``outs`` and ``deps`` name the same paths with params.yaml's variables
+(``${base.out}/models/${key}`` ...); ``tests/test_dvc_deps.py`` checks that the two agree.
+
+Layout (``<exp>``: an experiment of params.yaml, ``<variant>``: one of its variants)::
+
+    <out>/tune/<exp>/best.json                  tune: best configuration and metrics per variant
+    <out>/ray/                                  tune: Ray Tune's experiment state (resumable)
+    <out>/models/<exp>/<variant>.pt             train: weights + spec + training summary (save_model)
+    <results>/experiments/<exp>/curves/<variant>.csv   train: training curve
+    <results>/experiments/<exp>/metrics.json    evaluate: test metrics per variant
+    <results>/experiments/<exp>/samples/<variant>.png  evaluate: sample grid (models that sample)
+    <results>/experiments/<exp>/fidelity.json   fidelity: phantom-vs-exact gradients of the DEQ variants
+    <results>/benchmarks/memory_depth.jsonl     bench: memory vs depth / solver iterations
+    <results>/REPORT.md, tables/, figures/, plots/     report
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.settings import Settings
+
+MODEL_SUFFIX = ".pt"
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """The pipeline's paths for one project: params.yaml's folders resolved against ``root``."""
+
+    root: Path
+    out: Path
+    results: Path
+    data_root: Path
+    report_dir: Path  # the report's own files (REPORT.md, tables/, figures/, plots/)
+
+    @classmethod
+    def of(cls, settings: Settings, root: Path | None = None, report_dir: Path | None = None) -> "Artifacts":
+        """``root``: where relative folders start (default: the folder of params.yaml); ``report_dir``:
+        the report's folder, relative to ``root`` (default: ``base.results``)."""
+        root = (root or settings.root).resolve()
+        results = root / settings.base.results
+        return cls(root, root / settings.base.out, results, root / settings.data.root,
+                   results if report_dir is None else root / report_dir)
+
+    # --- tune
+    def tune_best(self, experiment: str) -> Path:
+        return self.out / "tune" / experiment / "best.json"
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.out / "ray"
+
+    # --- train
+    def models_dir(self, experiment: str) -> Path:
+        return self.out / "models" / experiment
+
+    def model(self, experiment: str, variant: str) -> Path:
+        return self.models_dir(experiment) / f"{variant}{MODEL_SUFFIX}"
+
+    def models(self, experiment: str) -> list[Path]:
+        """The trained variants' files, sorted by variant name."""
+        return sorted(self.models_dir(experiment).glob(f"*{MODEL_SUFFIX}"))
+
+    def experiment_dir(self, experiment: str) -> Path:
+        """``<results>/experiments/<exp>``: apart from the report's own files in ``<results>``, so the report
+        stage can depend on the whole folder."""
+        return self.results / "experiments" / experiment
+
+    def curve(self, experiment: str, variant: str) -> Path:
+        return self.experiment_dir(experiment) / "curves" / f"{variant}.csv"
+
+    # --- evaluate
+    def metrics(self, experiment: str) -> Path:
+        return self.experiment_dir(experiment) / "metrics.json"
+
+    def samples_dir(self, experiment: str) -> Path:
+        return self.experiment_dir(experiment) / "samples"
+
+    def sample_grid(self, experiment: str, variant: str) -> Path:
+        return self.samples_dir(experiment) / f"{variant}.png"
+
+    # --- fidelity, bench
+    def fidelity(self, experiment: str) -> Path:
+        return self.experiment_dir(experiment) / "fidelity.json"
+
+    @property
+    def memory_bench(self) -> Path:
+        return self.results / "benchmarks" / "memory_depth.jsonl"
+
+    # --- report
+    @property
+    def report(self) -> Path:
+        return self.report_dir / "REPORT.md"
+
+    @property
+    def tables(self) -> Path:
+        return self.report_dir / "tables"
+
+    @property
+    def figures(self) -> Path:
+        return self.report_dir / "figures"
+
+    @property
+    def plots(self) -> Path:
+        return self.report_dir / "plots"
+
+    def rel_to_root(self, path: Path) -> str:
+        """``path`` relative to the project (what outputs record, so they do not depend on the checkout's place)."""
+        return Path(os.path.relpath(path, self.root)).as_posix()
+
+    def rel(self, path: Path) -> str:
+        """``path`` relative to the report's folder (links inside REPORT.md)."""
+        return Path(os.path.relpath(path, self.report_dir)).as_posix()
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file: a crash leaves the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def memory_bench_rows(lines: list[str], where: str) -> list[dict]:
+    """benchmarks/memory_depth.py's rows (its closing ``summary`` line left out); an error names the line that is wrong."""
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}, line {i}: not JSON ({err})") from None
+        if isinstance(obj, dict) and "summary" not in obj:
+            if "variant" not in obj or "peak_bytes" not in obj:
+                raise ValueError(f"{where}, line {i}: a benchmark row needs 'variant' and 'peak_bytes'")
+            rows.append(obj)
+    if not rows:
+        raise ValueError(f"{where}: no benchmark rows")
+    return rows
+
+
+def load_splits(artifacts: Artifacts, dataset: str) -> dict:
+    """A prepared dataset's splits (the prepare stage's output), checked against its manifest."""
+    from deqsm.data import load_splits as load
+
+    return load(artifacts.data_root, dataset)
+
+
+# --- the trained-model file: written by the train stage, read by evaluate and fidelity
+def save_model(path: Path, model: torch.nn.Module, *, spec: dict[str, Any], train: dict[str, Any],
+               fit: dict[str, Any], history: Any, mlflow_run_id: str) -> None:
+    """Weights (on CPU) with what rebuilds the model (``spec``) and its training record; plain data only,
+    so :func:`load_model` reads it with ``weights_only=True``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "spec": spec, "train": train,
+                "fit": fit, "history": history, "mlflow_run_id": mlflow_run_id}, tmp)
+    tmp.replace(path)
+
+
+def load_model(path: Path, train: torch.Tensor):
+    """Rebuild a saved variant: its spec builds the architecture, the weights load with ``weights_only``.
+    Returns ``(spec, model, saved)``."""
+    from deqsm.experiments import ExperimentSpec, build
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 — re-raised naming the file
+        raise ValueError(f"cannot load model file {path}: {err}") from err
+    spec = ExperimentSpec(**saved["spec"])
+    model, _ = build(spec, train)
+    model.load_state_dict(saved["state_dict"])
+    return spec, model, saved

@@ -1,0 +1,72 @@
+"""DVC stage `fidelity`: how close the phantom gradient is to the exact one, for every trained DEQ variant of
+one experiment (the paper's appendix C, with an exact reference: :func:`deqsm.fidelity.gradient_fidelity`).
+
+For each DEQ variant of ``<out>/models/<experiment>/``, the parameter gradient of the experiment's loss on
+``fidelity.rows`` test rows under phantom backward with K steps (K in ``fidelity.ks``) is compared with the
+one under the exact, differentiable implicit backward: cosine, relative error, and the relative error of
+the score. Writes ``<results>/experiments/<experiment>/fidelity.json`` (``{}`` when the experiment has no
+DEQ variant), which the report turns into a table and a figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from pipelines.artifacts import Artifacts, load_model, load_splits, write_atomic
+from pipelines.settings import Settings, load_experiment_stage, main_guard
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipelines.fidelity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--experiment", required=True, help="the experiment of params.yaml whose DEQs are measured")
+    return p.parse_args(argv)
+
+
+def fidelity_experiment(settings: Settings, name: str) -> dict[str, dict]:
+    """Per DEQ variant with a trained model: phantom-K vs exact gradients; written to the stage's output."""
+    from deqsm.experiments import make_objective
+    from deqsm.fidelity import gradient_fidelity
+
+    artifacts = Artifacts.of(settings)
+    exp = settings.experiments[name]
+    variants = [v for v, var in exp.variants.items() if var.variant == "deq" and artifacts.model(name, v).exists()]
+    missing = [v for v, var in exp.variants.items() if var.variant == "deq" and v not in variants]
+    if missing:
+        print(f"{name}: no trained model for DEQ variant(s) {missing} (their tuning failed?): not measured", flush=True)
+    ks = tuple(settings.fidelity.ks)
+    seed = settings.base.seed
+    out: dict[str, dict] = {}
+    splits = load_splits(artifacts, exp.dataset) if variants else {}
+    for variant in variants:
+        path = artifacts.model(name, variant)
+        spec, model, _ = load_model(path, splits["train"])
+        x = splits["test"][:settings.fidelity.rows]
+        objective = make_objective(spec, splits["train"])
+        print(f"{name}/{variant}: phantom K={','.join(map(str, ks))} vs implicit on {x.shape[0]} test rows", flush=True)
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        results = gradient_fidelity(model, objective, x, ks=ks, seed=seed)
+        out[variant] = {
+            "model_file": artifacts.rel_to_root(path), "rows": int(x.shape[0]), "loss": spec.loss.name,
+            "trained_backward": spec.deq.backward, "trained_k": spec.deq.k, "solver": spec.deq.solver,
+            "seconds": time.perf_counter() - t0,
+            "results": [{**r, "k": int(r["k"])} for r in results],
+        }
+        print(f"{name}/{variant}: " + ", ".join(f"K={int(r['k'])} cos={r['grad_cosine']:.4f}" for r in results),
+              flush=True)
+    write_atomic(artifacts.fidelity(name), json.dumps(out, indent=2, sort_keys=True))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    fidelity_experiment(load_experiment_stage(args.params, args.experiment), args.experiment)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,176 @@
+"""The report's findings: sentences computed from the numbers (memory against depth, each DEQ against each
+explicit variant on the family's headline metric, solver convergence, gradient fidelity) and the caveats
+that qualify them. Each finder also returns the numbers it judged, which are logged to MLflow."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pipelines.reporting.inputs import MIB, ExperimentData, MemoryBench, number
+from pipelines.reporting.tables import fmt
+from pipelines.settings import Settings
+
+PAPER_BENCH_SIZE = (784, 1000, 128)  # input, width, batch of the paper's memory comparison
+
+
+def depth_matching(bench: MemoryBench, peak: float) -> float | None:
+    """The explicit depth whose memory equals ``peak`` (linear interpolation between measured depths)."""
+    pts = [(d, float(r["peak_bytes"])) for d, r in bench.explicit()]
+    for (d0, b0), (d1, b1) in zip(pts, pts[1:]):
+        if b0 <= peak <= b1 and b1 > b0:
+            return d0 + (d1 - d0) * (peak - b0) / (b1 - b0)
+    if pts and peak < pts[0][1] and pts[0][1] > 0:
+        return pts[0][0] * peak / pts[0][1]
+    return None
+
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def memory_findings(bench: MemoryBench) -> tuple[list[str], dict[str, float]]:
+    lines, numbers = [], {}
+    explicit, deq = bench.explicit(), bench.deq()
+    if not explicit or not deq:
+        return [f"The memory benchmark has no {'explicit' if not explicit else 'DEQ'} rows: no memory comparison."], numbers
+    deepest_d, deepest = explicit[-1]
+    for backward, runs in sorted(deq.items()):
+        peaks = [float(r["peak_bytes"]) for r in runs]
+        spread = (max(peaks) - min(peaks)) / min(peaks) if min(peaks) > 0 else float("nan")
+        iters = ", ".join(str(r["solver_iters"]) for r in runs)
+        frac = max(peaks) / float(deepest["peak_bytes"])
+        numbers[f"bench_deq_{backward}_over_explicit{deepest_d}_memory"] = frac
+        numbers[f"bench_deq_{backward}_memory_spread"] = spread
+        flat = "stays flat" if spread <= 0.03 else "grows"
+        text = (f"Benchmark, DEQ with `{backward}` backward: its memory {flat} over {iters} solver iterations "
+                f"(spread {pct(spread)}); at most {max(peaks) / MIB:.3f} MiB, {pct(frac)} of the explicit "
+                f"depth-{deepest_d} net's {float(deepest['peak_bytes']) / MIB:.3f} MiB")
+        d_eq = depth_matching(bench, max(peaks))
+        if d_eq is not None:
+            text += f"; the same memory as an explicit net of depth ≈ {d_eq:.1f}"
+            numbers[f"bench_deq_{backward}_memory_matched_depth"] = d_eq
+        lines.append(text + ".")
+    return lines, numbers
+
+
+def experiment_findings(data: ExperimentData, rows: list[dict[str, Any]], deq_tol: float) -> tuple[list[str], dict[str, float]]:
+    by = {r["variant"]: r for r in rows}
+    lines, numbers = [], {}
+    deqs, explicits = data.deq_variants(), data.explicit_variants()
+    if not deqs:
+        return [f"`{data.name}` has no DEQ variant with metrics: nothing to compare."], numbers
+    if not explicits:
+        return [f"`{data.name}` has no explicit variant with metrics: nothing to compare the DEQ with."], numbers
+    for dv in deqs:
+        d = by[dv]
+        deepest = by[explicits[-1]]
+        if d["peak_bytes"] is not None and deepest["peak_bytes"]:
+            frac = d["peak_bytes"] / deepest["peak_bytes"]
+            numbers[f"{dv}_over_{deepest['variant']}_memory"] = frac
+            text = (f"`{data.name}`: `{dv}` uses {pct(frac)} of the memory of the deepest explicit variant with metrics "
+                    f"`{deepest['variant']}` ({d['peak_mib']:.3f} vs {deepest['peak_mib']:.3f} MiB, {d['memory_kind']})")
+            if d["step_ms_median"] is not None and deepest["step_ms_median"]:
+                t = d["step_ms_median"] / deepest["step_ms_median"]
+                numbers[f"{dv}_over_{deepest['variant']}_step_time"] = t
+                text += f" at {t:.2f}× its time per step"
+            lines.append(text + ".")
+        if d["score_step_peak_mib"] is not None and deepest["score_step_peak_mib"]:
+            frac = d["score_step_peak_mib"] / deepest["score_step_peak_mib"]
+            numbers[f"{dv}_over_{deepest['variant']}_score_step_memory"] = frac
+            lines.append(f"`{data.name}`: `{dv}`'s score-network step uses {pct(frac)} of the memory of "
+                         f"`{deepest['variant']}`'s ({d['score_step_peak_mib']:.3f} vs "
+                         f"{deepest['score_step_peak_mib']:.3f} MiB).")
+        main = data.headline()
+        for ev in explicits:
+            e = by[ev]
+            if main.key != "test_loglik":
+                if d["main_value"] is None or e["main_value"] is None:
+                    lines.append(f"`{data.name}`: no {main.key} to compare `{dv}` with `{ev}`.")
+                    continue
+                diff = d["main_value"] - e["main_value"]
+                numbers[f"{dv}_minus_{ev}_{main.key}"] = diff
+                better = diff > 0 if main.higher_is_better else diff < 0
+                verdict = "better than" if better and diff != 0 else "equal to" if diff == 0 else "worse than"
+                lines.append(f"`{data.name}`: `{dv}`'s {main.key} is {verdict} `{ev}`'s ({d['main_value']:.3f} vs "
+                             f"{e['main_value']:.3f}{' ' + main.unit if main.unit else ''}, difference {diff:+.3f}; "
+                             f"{'higher' if main.higher_is_better else 'lower'} is better; one seed, no standard error).")
+                continue
+            if d["test_loglik"] is None or e["test_loglik"] is None:
+                lines.append(f"`{data.name}`: no test log-likelihood to compare `{dv}` with `{ev}`.")
+                continue
+            diff = d["test_loglik"] - e["test_loglik"]
+            numbers[f"{dv}_minus_{ev}_test_loglik"] = diff
+            if d["test_loglik_se"] is not None and e["test_loglik_se"] is not None:
+                se = math.hypot(d["test_loglik_se"], e["test_loglik_se"])
+                verdict = ("beats" if diff > 2 * se else "is beaten by" if diff < -2 * se
+                           else "is within two standard errors of")
+                lines.append(f"`{data.name}`: `{dv}` {verdict} `{ev}` in test log-likelihood "
+                             f"({d['test_loglik']:.3f} vs {e['test_loglik']:.3f} nats, difference {diff:+.3f}, "
+                             f"combined se {se:.3f}).")
+            else:
+                verdict = "above" if diff > 0 else "below" if diff < 0 else "equal to"
+                lines.append(f"`{data.name}`: `{dv}`'s test log-likelihood is {verdict} `{ev}`'s ({d['test_loglik']:.3f} "
+                             f"vs {e['test_loglik']:.3f} nats, difference {diff:+.3f}; no standard error to judge it).")
+        if d["solver_residual_max"] is not None:
+            reached = d["solver_residual_max"] <= deq_tol
+            lines.append(f"`{data.name}`: `{dv}`'s solver {'always reached' if reached else 'did not always reach'} "
+                         f"deq.tol = {deq_tol:g} during training (largest residual {d['solver_residual_max']:.2e}, "
+                         f"{fmt(d['solver_nstep_mean'], '.1f')} iterations per step on average).")
+    return lines, numbers
+
+
+def fidelity_findings(fidelity: dict[str, dict]) -> tuple[list[str], dict[str, float]]:
+    lines, numbers = [], {}
+    for exp, by_variant in fidelity.items():
+        for variant, entry in by_variant.items():
+            res = entry["results"]
+            if not res:
+                continue
+            first, last = res[0], res[-1]
+            for r in res:
+                numbers[f"{variant}_fidelity_k{r['k']}_grad_cosine"] = r["grad_cosine"]
+            text = (f"`{exp}/{variant}`: the phantom gradient's cosine with the exact one is {first['grad_cosine']:.4f} "
+                    f"at K = {first['k']} and {last['grad_cosine']:.4f} at K = {last['k']} (relative error "
+                    f"{first['grad_rel_error']:.2e} → {last['grad_rel_error']:.2e})")
+            if "score_rel_error" in last:
+                text += f"; score relative error {last['score_rel_error']:.2e} at K = {last['k']}"
+            k_tr = entry["trained_k"]
+            at_k = next((r for r in res if r["k"] == k_tr), None)
+            if entry["trained_backward"] == "phantom" and at_k is not None:
+                text += f". Trained with phantom K = {k_tr}: cosine {at_k['grad_cosine']:.4f}"
+            lines.append(text + ".")
+    return lines, numbers
+
+
+def caveats(s: Settings, datas: list[ExperimentData], all_rows: dict[str, list[dict]], bench: MemoryBench) -> list[str]:
+    out = []
+    kinds = sorted({r["memory_kind"] for rows in all_rows.values() for r in rows if r["memory_kind"]} | {bench.memory_kind})
+    if "autograd_saved_bytes" in kinds:
+        out.append("Memory marked `autograd_saved_bytes` is what autograd keeps for backward (a CPU-side, "
+                   "deterministic count), not an allocator peak; the CUDA peak comes from "
+                   "`bash benchmarks/gpu_check.sh` on a GPU.")
+    if (s.bench.in_dim, s.bench.width, s.bench.batch) != PAPER_BENCH_SIZE:
+        out.append(f"The memory benchmark ran at input {s.bench.in_dim}, width {s.bench.width}, batch {s.bench.batch} "
+                   f"(params.yaml's bench section); `dvc exp run -S bench.in_dim=784 -S bench.width=1000 "
+                   "-S bench.batch=128` measures the paper's size.")
+    for data in datas:
+        steps = sorted({int(r["train_steps"]) for r in all_rows[data.name] if r["train_steps"] is not None})
+        if steps:
+            out.append(f"`{data.name}` variants trained for {', '.join(map(str, steps))} steps (train.steps = "
+                       f"{s.train.steps}); differences may reflect optimisation speed as much as model capacity.")
+        ess = [number(m.get("test_is_ess")) for m in data.metrics.values()]
+        ess = [e for e in ess if e is not None]
+        if ess:
+            n_is = {**s.eval.model_dump(), **data.spec.eval_options}.get("is_samples")
+            out.append(f"`{data.name}`: log-likelihoods use an importance-sampled log Z ({n_is} samples, effective "
+                       f"sample size {min(ess):.0f}–{max(ess):.0f}); the paper uses 10⁶ samples.")
+        missing = [r["variant"] for r in all_rows[data.name] if r["status"] != "ok"]
+        if missing:
+            out.append(f"`{data.name}`: no metrics for {', '.join(missing)}.")
+        if data.tune and data.tune.get("failed"):
+            failed = {v: len(r) if isinstance(r, list) else 1 for v, r in data.tune["failed"].items() if r}
+            if failed:
+                out.append(f"`{data.name}`: failed tuning trials — " + ", ".join(f"{v}: {n}" for v, n in sorted(failed.items())) + ".")
+    return out
+

@@ -1,0 +1,177 @@
+"""The report's tables: one per experiment (a row per variant, headed by the family's headline metric) and
+the gradient-fidelity table, as Markdown (with footnotes saying what each column counts) and CSV."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from pipelines.reporting.inputs import MEMORY_KINDS, MIB, ExperimentData, number
+from pipelines.settings import ExperimentSettings
+
+DASH = "—"
+
+
+def fmt(value: Any, spec: str) -> str:
+    v = number(value)
+    return DASH if v is None else format(v, spec)
+
+
+def loss_label(spec: ExperimentSettings) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in sorted(spec.loss.options.items()))
+    return f"{spec.loss.name} ({opts})" if opts else spec.loss.name
+
+
+
+def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
+    """One row per variant (× the experiment's loss): raw values, None where unknown."""
+    rows = []
+    main = data.headline()
+    for variant in data.variants():
+        m = data.metrics.get(variant)
+        curve = data.curves.get(variant)
+        g = (lambda k: number(m.get(k))) if m is not None else (lambda k: None)  # noqa: E731
+        residual, nstep_mean, residual_max, solver_source = None, g("solver_nstep_mean"), g("solver_residual_max"), ""
+        if curve is not None:
+            _, res = curve.residuals()
+            _, nsteps = curve.nsteps()
+            residual = res[-1] if res else None
+            # metrics.json has the per-step solver summary only when training recorded it; otherwise the
+            # curve's logged steps (a subsample of the training steps) stand in for it
+            if m is not None and nstep_mean is None and nsteps:
+                nstep_mean, solver_source = sum(nsteps) / len(nsteps), "curve"
+            if m is not None and residual_max is None and res:
+                residual_max, solver_source = max(res), "curve"
+        if not solver_source and (nstep_mean is not None or residual_max is not None):
+            solver_source = "metrics"
+        se, se_kind = g("test_loglik_se"), "test_loglik_se"
+        if se is None and g("test_loglik_sample_se") is not None:
+            se, se_kind = g("test_loglik_sample_se"), "test_loglik_sample_se"
+        peak = g("peak_bytes")
+        score_peak = g("score_step_peak_bytes")
+        rows.append({
+            "main_metric": main.key, "main_value": g(main.key),
+            "main_se": se if main.key == "test_loglik" else None,
+            "test_elbo": g("test_elbo"), "test_iw_loglik": g("test_iw_loglik"),
+            "fd_train_vs_test": g(f"{main.key}_train_vs_test") if not main.higher_is_better else None,
+            "score_step_peak_mib": score_peak / MIB if score_peak is not None else None,
+            "experiment": data.name, "variant": variant, "kind": data.kind(variant) or "",
+            "depth": data.depth(variant), "loss": loss_label(data.spec), "status": "ok" if m is not None else "no metrics",
+            "test_loglik": g("test_loglik"), "test_loglik_se": se, "se_kind": se_kind if se is not None else "",
+            "test_bpd": g("test_bpd"), "peak_mib": peak / MIB if peak is not None else None,
+            "peak_bytes": peak, "memory_kind": (m or {}).get("memory_kind") or "",
+            "step_ms_median": g("step_ms_median"), "params": g("params"),
+            "solver_nstep_mean": nstep_mean, "solver_final_residual": residual,
+            "solver_residual_max": residual_max, "solver_source": solver_source, "test_ssm_loss": g("test_ssm_loss"),
+            "test_sm_loss": g("test_sm_loss"), "test_loss": g("test_loss"), "fisher_divergence": g("fisher_divergence"),
+            "train_steps": g("train_steps"), "train_best_val_loss": g("train_best_val_loss"),
+        })
+    return rows
+
+
+
+CSV_COLUMNS = ["experiment", "variant", "kind", "depth", "loss", "status", "main_metric", "main_value",
+               "test_loglik", "test_loglik_se", "se_kind", "test_elbo", "test_iw_loglik", "fd_train_vs_test",
+               "score_step_peak_mib", "test_bpd", "peak_mib", "peak_bytes", "memory_kind", "step_ms_median", "params", "solver_nstep_mean",
+               "solver_final_residual", "solver_residual_max", "solver_source", "test_ssm_loss", "test_sm_loss", "test_loss",
+               "fisher_divergence", "train_steps", "train_best_val_loss"]
+
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+
+
+
+def md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+
+def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str:
+    """The experiment's table in Markdown, with footnotes saying what the columns count."""
+    kinds = sorted({r["memory_kind"] for r in rows if r["memory_kind"]})
+    se_kinds = sorted({r["se_kind"] for r in rows if r["se_kind"]})
+    extra = [(k, label) for k, label in (("test_sm_loss", "test SM loss"), ("fisher_divergence", "Fisher divergence"))
+             if any(r[k] is not None for r in rows)]
+    main = data.headline()
+    density = main.key == "test_loglik"
+    score_mem = any(r["score_step_peak_mib"] is not None for r in rows)
+    header = ["variant", "loss", main.label, *(["bits/dim"] if density else []),
+              *(["IW bound (nats)"] if any(r["test_iw_loglik"] is not None for r in rows) else []),
+              "peak memory (MiB)", *(["score-net step memory (MiB)"] if score_mem else []), "ms/step", "parameters",
+              "solver steps", "final residual", *(["test SSM loss"] if density else []), *(label for _, label in extra),
+              "train steps"]
+    body = []
+    for r in rows:
+        value = fmt(r["main_value"], ".3f" if main.higher_is_better else ".2f")
+        if value != DASH and r["main_se"] is not None:
+            value += f" ± {r['main_se']:.3f}"
+        mem = fmt(r["peak_mib"], ".3f")
+        if len(kinds) > 1 and mem != DASH:
+            mem += f" ({r['memory_kind']})"
+        name = r["variant"] + (f" (depth {r['depth']})" if r["depth"] is not None else " (DEQ)" if r["kind"] == "deq" else "")
+        body.append([name, r["loss"], value, *([fmt(r["test_bpd"], ".3f")] if density else []),
+                     *([fmt(r["test_iw_loglik"], ".3f")] if "IW bound (nats)" in header else []),
+                     mem, *([fmt(r["score_step_peak_mib"], ".3f")] if score_mem else []), fmt(r["step_ms_median"], ".1f"),
+                     fmt(r["params"], ",.0f"), fmt(r["solver_nstep_mean"], ".1f"), fmt(r["solver_final_residual"], ".2e"),
+                     *([fmt(r["test_ssm_loss"], ".4g")] if density else []), *(fmt(r[k], ".4g") for k, _ in extra),
+                     fmt(r["train_steps"], ".0f")])
+    notes = [f"Experiment `{data.name}`: dataset `{data.spec.dataset}`, model `{data.spec.model}`, "
+             f"loss `{loss_label(data.spec)}`. {DASH}: not measured for that variant."]
+    if main.key == "test_elbo":
+        notes.append("Test ELBO: E_q[log p(x|z) + log p(z)] plus the implicit encoder's entropy estimated per test x "
+                     "by a kernel density estimate of q(z|x) (`deqsm.metrics.elbo`). Peak memory is the whole "
+                     "training step (score network and VAE); score-net step memory is one score-network step, the "
+                     "part the variants differ in (the paper's Table 1).")
+    elif not main.higher_is_better:
+        refs = [r["fd_train_vs_test"] for r in rows if r["fd_train_vs_test"] is not None]
+        notes.append(f"`{main.key}`: Fréchet distance between annealed-Langevin samples and the test images "
+                     f"(features: {'Inception-v3' if main.key.startswith('fid_') else 'a digits classifier trained on the training split'}; "
+                     "covariances not rescaled)" + (f"; training images vs test images score {refs[0]:.2f} on the "
+                                                   "same features (a floor for the sample size)." if refs else "."))
+    for k in kinds:
+        notes.append(f"Peak memory counts `{k}`: {MEMORY_KINDS.get(k, 'as named')}.")
+    se_words = {"test_loglik_se": "the Monte-Carlo standard error of the importance-sampled log Z",
+                "test_loglik_sample_se": "the standard error of the mean over test rows"}
+    for k in se_kinds:
+        notes.append(f"± is `{k}`: {se_words.get(k, k)}.")
+    notes.append("Solver steps: mean DEQ solver iterations per training step; final residual: the largest "
+                 "absolute residual ‖f(z) − z‖ of the last logged training step (over DEQ layers).")
+    from_curve = [r["variant"] for r in rows if r["solver_source"] == "curve"]
+    if from_curve:
+        notes.append(f"Solver steps of {', '.join(from_curve)}: averaged over the training curve's logged steps "
+                     "(metrics.json has no solver_nstep_mean / solver_residual_max for them).")
+    missing = [r["variant"] for r in rows if r["status"] != "ok"]
+    if missing:
+        notes.append(f"No metrics for {', '.join(missing)} (not in metrics.json: see the tuning section).")
+    return md_table(header, body) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+
+def fidelity_table_rows(fidelity: dict[str, dict]) -> list[dict[str, Any]]:
+    return [{"experiment": exp, "variant": v, "k": r["k"], "grad_cosine": r.get("grad_cosine"),
+             "grad_rel_error": r.get("grad_rel_error"), "score_rel_error": r.get("score_rel_error"),
+             "rows": entry["rows"], "loss": entry["loss"], "trained_backward": entry["trained_backward"]}
+            for exp, by_variant in fidelity.items() for v, entry in by_variant.items() for r in entry["results"]]
+
+
+def fidelity_table_md(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "No experiment has a DEQ variant: nothing to compare.\n"
+    body = [[f"{r['experiment']}/{r['variant']}", r["loss"], str(r["k"]), fmt(r["grad_cosine"], ".5f"),
+             fmt(r["grad_rel_error"], ".3e"), fmt(r["score_rel_error"], ".3e"), str(r["rows"])] for r in rows]
+    return (md_table(["model", "loss", "K", "cos(phantom, exact)", "gradient rel. error", "score rel. error",
+                      "test rows"], body)
+            + "\n\n- Exact: the differentiable `implicit` backward mode; phantom: K damped fixed-point steps. Both "
+              "differentiate the same loss on the same rows with the same random projections.\n"
+              "- Score rel. error: ‖s_phantom − s_exact‖ / ‖s_exact‖ with s = −∇ₓE (the phantom steps also "
+              "change the forward output slightly).\n")
+
