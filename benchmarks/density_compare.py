@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from deqsm.experiments import ExperimentSpec, run  # noqa: E402
+from deqsm.experiments import VariantSpec, run  # noqa: E402
 from deqsm.train import TrainSettings  # noqa: E402
 
 LOGIT_ALPHA = 0.05
@@ -91,7 +91,7 @@ def run_experiment(name: str, model: str, splits, width: int, model_options: dic
                    eval_options: dict, true_density=None) -> list[dict]:
     rows = []
     for label, variant, depth in variants(args.depths):
-        spec = ExperimentSpec(name=f"{name}-{label}-ssm", model=model, variant=variant, depth=depth, width=width,
+        spec = VariantSpec(name=f"{name}-{label}-ssm", model=model, variant=variant, depth=depth, width=width,
                               model_options=model_options, loss={"name": "ssm"},
                               deq={"solver": "anderson", "backward": "phantom", "tol": 1e-5, "max_iter": 50})
         settings = TrainSettings(steps=steps, batch_size=args.batch, lr=args.lr, eval_every=max(steps // 5, 1),

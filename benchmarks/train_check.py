@@ -35,7 +35,7 @@ from deqsm.config import DEQSettings  # noqa: E402
 from deqsm.data import Context  # noqa: E402
 from deqsm.data.generated import Mixture  # noqa: E402
 from deqsm.data.images import Digits  # noqa: E402
-from deqsm.experiments import ExperimentSpec, SolverRecorder, train_model  # noqa: E402
+from deqsm.experiments import VariantSpec, SolverRecorder, train_model  # noqa: E402
 from deqsm.train import Callback, TrainSettings, resolve_device  # noqa: E402
 
 EXPLICIT_DEPTH = 16
@@ -116,7 +116,7 @@ def train_one(experiment: str, model: dict, variant: str, splits: dict[str, torc
     """Train one variant for ``sizes['steps']`` steps; its JSON row."""
     depth = EXPLICIT_DEPTH if variant == "explicit" else 1
     deq = DEQSettings()
-    spec = ExperimentSpec(name=f"{experiment}/{variant}", variant=variant, depth=depth, deq=deq,
+    spec = VariantSpec(name=f"{experiment}/{variant}", variant=variant, depth=depth, deq=deq,
                           **{"loss": {"name": "ssm"}, **model})
     settings = TrainSettings(steps=sizes["steps"], batch_size=sizes["batch"], eval_every=sizes["steps"],
                              eval_batches=1, progress=False, seed=seed, device=str(device))

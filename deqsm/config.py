@@ -7,22 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from deqsm.deq import BACKWARDS, NORMALIZATIONS
 from deqsm.losses import LOSSES
+from deqsm.schema import Strict, known_name
 from deqsm.solvers import SOLVERS, solver_knobs
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def known_name(name: str, registry) -> str:
-    """``name`` if ``registry`` has it; else an error listing the known names."""
-    if name not in registry:
-        raise ValueError(f"unknown {registry.kind} {name!r}; known: {', '.join(registry.names())}")
-    return name
 
 
 class DEQSettings(Strict):

@@ -125,13 +125,19 @@ class SoftplusCell(nn.Module):
     """f(z, u) = Softplus(Ŵ z + u): the paper's MLP cell; u = g(x) is the injection computed once by the
     model. Softplus is smooth (the theory needs f ∈ C²) and 1-Lipschitz, so ‖Ŵ‖₂ < 1 gives a contraction."""
 
+    activation = "softplus"  # the name :meth:`DEQ.taped_phantom_steps` records each step's activation under
+
     def __init__(self, width: int, *, lam: float = 2.0, norm: str = "frobenius") -> None:
         super().__init__()
         self.linear = NormalizedLinear(width, lam=lam, norm=norm)
         self.act = nn.Softplus()
 
+    def preactivation(self, z: Tensor, u: Tensor) -> Tensor:
+        """Ŵ z + u: what the activation of :meth:`forward` is applied to."""
+        return self.linear(z) + u
+
     def forward(self, z: Tensor, u: Tensor) -> Tensor:
-        return self.act(self.linear(z) + u)
+        return self.act(self.preactivation(z, u))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,6 +325,33 @@ class DEQ(nn.Module):
                 raise ValueError(f"phantom steps k must be >= 1, got {k}")
             self.k = k
 
+    def _fresh_normalization(self) -> None:
+        # Weights written through ``.data`` (gradcheck's perturbations) keep their version counter, so a
+        # normalisation cached by an earlier forward could be stale: cache within one forward only.
+        for m in self.cell.modules():
+            if isinstance(m, CachedNormalization):
+                m._cached = None
+
+    def taped_phantom_steps(self, x: Tensor, z0: Tensor, tape: Callable[[Tensor, str], Tensor]) -> Tensor:
+        """The phantom backward's layers, made visible: solve without a graph, then K steps
+        z ← σ(cell.preactivation(z, x)) with each activation applied by ``tape(u, activation_name)``, which
+        records the pre-activation u (curvature propagation needs the layer structure,
+        :class:`deqsm.losses.LayeredEnergy`). z_0 = z* is detached, a constant in x. Only ``phantom`` with
+        τ = 1 is a finite stack of affine maps and activations; the cell must have ``preactivation`` and
+        ``activation`` (as :class:`SoftplusCell`)."""
+        if self.backward != "phantom" or self.tau != 1.0:
+            raise ValueError("curvature propagation through a DEQ needs backward='phantom' with tau=1 "
+                             f"(got backward={self.backward!r}, tau={self.tau}): only the phantom steps form "
+                             "a finite stack of affine maps and activations")
+        if not hasattr(self.cell, "preactivation"):
+            raise TypeError(f"{type(self.cell).__name__} has no preactivation(z, x): its steps cannot be taped")
+        self._fresh_normalization()
+        with torch.no_grad():
+            z, self.last_stats = self.solve_spec(lambda z: self.cell(z, x), z0)
+        for _ in range(self.k):
+            z = tape(self.cell.preactivation(z, x), self.cell.activation)
+        return z
+
     def forward(self, x: Tensor, z0: Tensor) -> Tensor:
         if not torch.is_tensor(x) or not torch.is_tensor(z0):
             raise TypeError("DEQ expects tensors x and z0")
@@ -326,11 +359,7 @@ class DEQ(nn.Module):
             raise ValueError(f"batch sizes differ: x has {x.shape[0]}, z0 has {z0.shape[0]}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("DEQ input contains NaN or Inf values")
-        # Weights written through ``.data`` (gradcheck's perturbations) keep their version counter, so a
-        # normalisation cached by an earlier forward could be stale: cache within one forward only.
-        for m in self.cell.modules():
-            if isinstance(m, CachedNormalization):
-                m._cached = None
+        self._fresh_normalization()
         params = {n: p for n, p in self.cell.named_parameters() if p.requires_grad}
         z, stats = self.backward_mode(self, x, z0, params)
         self.last_stats = stats

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
+from deqsm.schema import Strict
 from deqsm.deq import DEQ
 from deqsm.losses import LossOutput
 from deqsm.metrics.memory import measure_step
@@ -42,10 +43,8 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, a solver that keeps failing); the message says why."""
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(Strict):
     """The ``train`` section of params.yaml."""
-
-    model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(1000, ge=1, description="optimisation steps")
     batch_size: int = Field(128, ge=1)
@@ -116,7 +115,7 @@ def deq_stats(model: nn.Module) -> dict[str, float]:
     return out
 
 
-def evaluate(model: nn.Module, objective: Objective, data: Tensor, batch_size: int, max_batches: int | None = None) -> dict[str, float]:
+def mean_loss(model: nn.Module, objective: Objective, data: Tensor, batch_size: int, max_batches: int | None = None) -> dict[str, float]:
     """Mean loss and terms over ``data`` (gradients w.r.t. x are still taken: score losses need them)."""
     was_training = model.training
     model.eval()
@@ -269,7 +268,7 @@ def fit(
                                 **({"nstep": int(metrics["solver_nstep"])} if "solver_nstep" in metrics else {}))
             if step % settings.eval_every == 0 or step == settings.steps:
                 data = val if val is not None else train
-                ev = {f"val_{k}": v for k, v in evaluate(model, objective, data, settings.batch_size,
+                ev = {f"val_{k}": v for k, v in mean_loss(model, objective, data, settings.batch_size,
                                                          settings.eval_batches).items()}
                 ev["step"] = float(step)
                 history.append(ev)

@@ -171,13 +171,13 @@ def save_model(path: Path, model: torch.nn.Module, *, spec: dict[str, Any], trai
 def load_model(path: Path, train: torch.Tensor):
     """Rebuild a saved variant: its spec builds the architecture, the weights load with ``weights_only``.
     Returns ``(spec, model, saved)``."""
-    from deqsm.experiments import ExperimentSpec, build
+    from deqsm.experiments import VariantSpec, build
 
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 — re-raised naming the file
         raise ValueError(f"cannot load model file {path}: {err}") from err
-    spec = ExperimentSpec(**saved["spec"])
+    spec = VariantSpec(**saved["spec"])
     model, _ = build(spec, train)
     model.load_state_dict(saved["state_dict"])
     return spec, model, saved

@@ -14,6 +14,7 @@ import torch
 
 from pipelines.artifacts import Artifacts, load_model, load_splits, write_atomic
 from pipelines.settings import Settings, load_experiment_stage, main_guard
+from pipelines.trials import experiment_eval_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     from deqsm.data import load_split, true_density
-    from deqsm.experiments import evaluate_with_samples
+    from deqsm.experiments import evaluate_variant
     from deqsm.sampling import save_image_grid
     from pipelines.tracking import Tracker
 
@@ -38,7 +39,7 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     splits = load_splits(artifacts, dataset)
     truth = true_density(artifacts.data_root, dataset)  # generated data: exact score and log p
     labels = {s: load_split(artifacts.data_root, dataset, s).y for s in ("train", "test")}
-    eval_options = {**settings.eval.model_dump(), **settings.experiments[name].eval_options}
+    eval_options = experiment_eval_options(settings, name)
     tracker = Tracker(settings.tracking_uri())
     results: dict[str, dict] = {}
     artifacts.samples_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out, maybe empty
@@ -46,7 +47,7 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
         variant = path.stem
         spec, model, saved = load_model(path, splits["train"])
         torch.manual_seed(settings.base.seed)
-        metrics, images = evaluate_with_samples(spec, model, splits, eval_options, truth, labels)
+        metrics, images = evaluate_variant(spec, model, splits, eval_options, truth, labels)
         if images is not None:
             grid = save_image_grid(images, artifacts.sample_grid(name, variant))
             tracker.log_artifact(saved["mlflow_run_id"], grid, "samples")

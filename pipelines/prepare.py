@@ -15,7 +15,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from deqsm.data import DATASETS, prepare_datasets
-from deqsm.data.settings import DataSettings, describe
+from deqsm.schema import describe_errors
+from deqsm.data.settings import DataSettings
 from pipelines import read_params_file
 
 
@@ -35,7 +36,7 @@ def load_data_settings(path: Path) -> DataSettings:
     try:
         return DataSettings.model_validate(raw.get("data") or {})
     except ValidationError as err:
-        raise ValueError(f"invalid {path.name}: {describe(err, 'data')}") from None
+        raise ValueError(f"invalid {path.name}: {'; '.join(describe_errors(err, 'data'))}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

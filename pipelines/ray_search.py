@@ -35,7 +35,8 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 
-from pipelines.settings import Settings, SpaceEntry, apply_sample, flatten  # noqa: E402
+from pipelines.settings import Settings, SpaceEntry  # noqa: E402
+from pipelines.trials import apply_sample, flatten  # noqa: E402
 from pipelines.tracking import Tracker, provenance_tags  # noqa: E402
 
 
@@ -96,12 +97,12 @@ class _TrialReporter:
 def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: dict) -> None:
     """One trial (runs in a Ray worker): train on the train split, select on the validation split. The test
     split is left to the evaluate stage, so model selection never sees it."""
-    from deqsm.experiments import ExperimentSpec, SolverRecorder, train_model
+    from deqsm.experiments import VariantSpec, SolverRecorder, train_model
     from deqsm.train import TrainSettings
 
     cfg = apply_sample(base_configs[config["variant_name"]],
                        {k.replace("__", "."): v for k, v in config.items() if k != "variant_name"})
-    spec = ExperimentSpec(**cfg["spec"])
+    spec = VariantSpec(**cfg["spec"])
     train = TrainSettings(**{**cfg["train"], "progress": False, "checkpoint_every": None})
     ckpt_dir = Path(tempfile.mkdtemp(prefix="deqsm-trial-"))
     pid_dir = os.environ.get("DEQSM_TRIAL_PID_DIR")

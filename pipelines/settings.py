@@ -5,24 +5,22 @@ the value and what is allowed. Each DVC stage reads only its sections (and dvc.y
 """
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
 
-from deqsm.config import DEQSettings, LossSettings, known_name
+from deqsm.config import DEQSettings, LossSettings
+from deqsm.schema import Strict, describe_errors, known_name
 from deqsm.data.settings import DataSettings
+from deqsm.models import MODELS
+from deqsm.models.blocks import VARIANTS
 from deqsm.train import TrainSettings
 from pipelines import ParamsError, read_params_file
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class BaseSettings(Strict):
@@ -55,9 +53,14 @@ class BaseSettings(Strict):
 class VariantSettings(Strict):
     """One model variant of an experiment (a row of the paper's tables)."""
 
-    variant: Literal["deq", "explicit"]
+    variant: str = Field(description="network variant: deq | explicit (deqsm.models.blocks.VARIANTS)")
     depth: int = Field(2, ge=1)
     width: int | None = Field(None, ge=1, description="overrides the experiment's width")
+
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, v: str) -> str:
+        return known_name(v, VARIANTS)
 
 
 class ExperimentSettings(Strict):
@@ -74,8 +77,6 @@ class ExperimentSettings(Strict):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
-        from deqsm.models import MODELS
-
         return known_name(v, MODELS)
 
     @field_validator("variants")
@@ -158,9 +159,20 @@ class TuneSettings(Strict):
         return v
 
 
-class EvalSettings(Strict):
-    is_samples: int = Field(100_000, ge=100, description="importance samples for log Z (paper: 10⁶)")
-    batch_size: int = Field(500, ge=1)
+def _eval_settings() -> type[Strict]:
+    """The ``eval`` section: defaults for every experiment's evaluation, each applied to the experiments whose
+    model family has that option (:func:`experiment_eval_options`). Its fields are the families' own
+    (:attr:`deqsm.models.ModelFamily.eval_options`), not copies, so bounds cannot disagree."""
+    fields: dict[str, Any] = {}
+    for name in MODELS:
+        for key, info in MODELS.get(name).eval_options.model_fields.items():
+            if key in fields and repr(fields[key][1]) != repr(info):
+                raise TypeError(f"evaluation option {key!r} is defined differently by two model families")
+            fields[key] = (info.annotation, info)
+    return create_model("EvalSettings", __base__=Strict, __doc__=_eval_settings.__doc__, **fields)
+
+
+EvalSettings = _eval_settings()
 
 
 class FidelitySettings(Strict):
@@ -244,91 +256,25 @@ class Settings(Strict):
         return uri
 
 
-def _unknown_key(loc: tuple, root: type[BaseModel]) -> str:
-    """'unknown key; known: ...' for the key at ``loc`` under ``root`` (walks fields, ``X | None`` and
-    ``dict[str, X]`` down to the class that holds it)."""
-    import types
-    import typing
-
-    node: Any = root
-    for part in loc[:-1]:
-        if isinstance(node, type) and issubclass(node, BaseModel) and str(part) in node.model_fields:
-            node = node.model_fields[str(part)].annotation
-        elif typing.get_origin(node) is dict:
-            node = typing.get_args(node)[1]
-        else:
-            return "unknown key"
-        while typing.get_origin(node) in (typing.Union, types.UnionType):
-            node = next(a for a in typing.get_args(node) if a is not type(None))
-    if isinstance(node, type) and issubclass(node, BaseModel):
-        return f"unknown key; known: {', '.join(node.model_fields)}"
-    return "unknown key"
-
-
-def _format(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = _unknown_key(tuple(e["loc"]), Settings)
-        lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {key}: {msg}")
-    return "\n".join(lines)
-
-
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Settings:
     """Read and validate params.yaml; ``overrides`` maps dotted keys to values (applied before validation)."""
     path = Path(path)
     if not path.is_absolute() and not path.exists():
         path = ROOT / path
+    from pipelines.trials import check_trials, set_dotted
+
     raw = read_params_file(path)
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as err:
-        raise ParamsError(f"invalid {path.name}:\n{_format(err)}") from None
+        raise ParamsError(f"invalid {path.name}:\n" + "\n".join(f"  {line}" for line in describe_errors(err))) from None
     settings._root = path.resolve().parent
     problems = check_trials(settings)
     if problems:
         raise ParamsError(f"invalid {path.name}:\n" + "\n".join(f"  {p}" for p in problems))
     return settings
-
-
-def check_trials(settings: Settings) -> list[str]:
-    """Problems of the trial configurations the sections combine into (model options, loss options, eval
-    options, every search-space value applied to every variant), found here rather than in each Ray trial."""
-    from deqsm.experiments import EvalOptions, ExperimentSpec
-    from deqsm.train import TrainSettings
-
-    samples = [(key, {key: value}) for key, entry in settings.tune.search_space.items() for value in entry.extremes()]
-    problems: dict[str, None] = {}  # ordered, without repeats (each variant meets the same mistakes)
-
-    def check(cfg: dict[str, Any]) -> list[tuple[str, str]]:
-        found = []
-        for section, model, data in (("", ExperimentSpec, cfg["spec"]), ("train", TrainSettings, cfg["train"]),
-                                     ("eval_options", EvalOptions, cfg["eval_options"])):
-            try:
-                model(**data)
-            except ValidationError as err:
-                for e in err.errors():
-                    msg = (_unknown_key(tuple(e["loc"]), model) if e["type"] == "extra_forbidden"
-                           else e["msg"].removeprefix("Value error, "))
-                    found.append((".".join(str(p) for p in (section, *e["loc"]) if p != ""), msg))
-        return found
-
-    for name in settings.experiments:
-        for variant in settings.experiments[name].variants:
-            base = trial_config(settings, name, variant)
-            found = check(base)
-            for where, msg in found:
-                problems[f"experiments.{name}{'.' + where if where else ''}: {msg}"] = None
-            if found:
-                continue  # the search-space values are checked on a valid configuration
-            for key, sample in samples:
-                for where, msg in check(apply_sample(base, sample)):
-                    problems[f"tune.search_space.{key}: value {sample[key]!r} is invalid ({where}: {msg})"] = None
-    return list(problems)
 
 
 def load_experiment_stage(params: str | Path, experiment: str) -> Settings:
@@ -338,67 +284,6 @@ def load_experiment_stage(params: str | Path, experiment: str) -> Settings:
     if experiment not in settings.experiments:
         raise ParamsError(f"unknown experiment {experiment!r}; in params.yaml: {', '.join(settings.experiments)}")
     return settings
-
-
-def set_dotted(tree: dict, key: str, value: Any) -> None:
-    node = tree
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts → dotted keys (for MLflow params)."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def trial_config(settings: Settings, experiment: str, variant: str) -> dict[str, Any]:
-    """The full, plain-data configuration of one variant's trials: the experiment's spec with the deq,
-    train and eval sections (search values are applied on top by :func:`apply_sample`)."""
-    exp = settings.experiments[experiment]
-    var = exp.variants[variant]
-    cfg = {
-        "experiment": experiment,
-        "variant_name": variant,
-        "dataset": exp.dataset,
-        "spec": {
-            "name": f"{experiment}/{variant}",
-            "model": exp.model,
-            "variant": var.variant,
-            "depth": var.depth,
-            "width": var.width or exp.width,
-            "model_options": copy.deepcopy(exp.model_options),
-            "loss": exp.loss.model_dump(),
-            "deq": settings.deq.model_dump(),
-        },
-        "train": settings.train.model_dump(),
-        "eval_options": {**settings.eval.model_dump(), **exp.eval_options},
-    }
-    cfg["train"]["seed"] = settings.base.seed
-    cfg["train"]["device"] = settings.base.device
-    return cfg
-
-
-def apply_sample(cfg: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a trial config with sampled values (dotted keys: train.*, width, deq.*, loss.*, model_options.*)."""
-    cfg = copy.deepcopy(cfg)
-    for key, value in sample.items():
-        section, _, rest = key.partition(".")
-        if section == "train":
-            set_dotted(cfg["train"], rest, value)
-        elif section == "width":
-            cfg["spec"]["width"] = value
-        else:
-            set_dotted(cfg["spec"], key, value)
-    return cfg
 
 
 def main_guard(fn) -> None:

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from pipelines.artifacts import Artifacts, load_splits, save_model
-from pipelines.settings import Settings, flatten, load_experiment_stage, main_guard
+from pipelines.settings import Settings, load_experiment_stage, main_guard
+from pipelines.trials import flatten
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +50,7 @@ class CurveLogger:
 
 
 def train_experiment(settings: Settings, name: str) -> None:
-    from deqsm.experiments import ExperimentSpec, SolverRecorder, train_model
+    from deqsm.experiments import VariantSpec, SolverRecorder, train_model
     from deqsm.train import TrainSettings
     from pipelines.tracking import Tracker, provenance_tags
 
@@ -67,7 +68,7 @@ def train_experiment(settings: Settings, name: str) -> None:
     for variant, entry in sorted(best.items()):
         cfg = entry["config"]
         train_cfg = {**cfg["train"], "steps": settings.train.steps}  # the full budget, not tune.steps
-        spec = ExperimentSpec(**cfg["spec"])
+        spec = VariantSpec(**cfg["spec"])
         run_id = tracker.start_run(mlflow_exp, f"{variant}", flatten({"spec": cfg["spec"], "train": train_cfg}),
                                    {"stage": "train", "variant": variant, **provenance_tags(settings.base.device, settings.root)},
                                    parent_run_id=parent)

@@ -13,7 +13,8 @@ import sys
 import time
 
 from pipelines.artifacts import Artifacts, load_splits, write_atomic
-from pipelines.settings import ParamsError, Settings, load_params, main_guard, trial_config
+from pipelines.settings import ParamsError, Settings, load_params, main_guard
+from pipelines.trials import trial_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,14 +30,14 @@ def check_models_build(settings: Settings, names: list[str], splits: dict[str, d
     of a FAILED trial per search point."""
     import torch
 
-    from deqsm.experiments import ExperimentSpec, build
+    from deqsm.experiments import VariantSpec, build
 
     for name in names:
         for variant in settings.experiments[name].variants:
             cfg = trial_config(settings, name, variant)
             try:
                 with torch.random.fork_rng():  # building draws initial weights: leave the seeds as they were
-                    build(ExperimentSpec(**cfg["spec"]), splits[name]["train"])
+                    build(VariantSpec(**cfg["spec"]), splits[name]["train"])
             except ValueError as err:
                 raise ParamsError(f"experiments.{name}.variants.{variant} (model {cfg['spec']['model']!r} on "
                                   f"dataset {cfg['dataset']!r}): {err}") from None

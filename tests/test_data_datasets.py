@@ -38,10 +38,11 @@ def test_import_deqsm_data_does_not_import_ray_mlflow_dvc():
     ({"datasets": {"mnits": {}}}, r"unknown dataset 'mnits'; known: celeba64, cifar10, digits, gaussian, "
                                   r"hepmass, miniboone, mixture"),
     ({"datasets": {"x": {"dataset": "nope"}}}, r"unknown dataset 'nope'; known: "),
-    ({"datasets": {"digits": {"dequantise": True}}}, r"digits: unknown option 'dequantise'; valid: dataset, scale, "
+    ({"datasets": {"digits": {"dequantise": True}}}, r"digits.dequantise: unknown key; known: dataset, scale, "
                                                      r"dequantize, logit_alpha, binarize, val_fraction, test_fraction"),
-    ({"datasets": {"gaussian": {"dims": 3, "n": 2}}}, r"unknown options 'dims', 'n'; valid: .*dim, mean, covariance"),
-    ({"rooot": "x"}, r"unknown key 'rooot'; valid: root, raw_root, seed, download, datasets"),
+    ({"datasets": {"gaussian": {"dims": 3, "n": 2}}}, r"gaussian.dims: unknown key; known: .*dim, mean, covariance.*; "
+                                                      r"gaussian.n: unknown key"),
+    ({"rooot": "x"}, r"unknown key 'rooot'; known: root, raw_root, seed, download, datasets"),
     ({"datasets": {"digits": {"scale": "half"}}}, r"digits\.scale: Input should be 'raw', 'unit' or 'symmetric'"),
     ({"datasets": {"digits": {"scale": "raw", "dequantize": True}}}, r"scale: raw .* excludes dequantize"),
     ({"datasets": {"digits": {"binarize": "threshold", "logit_alpha": 0.01}}}, r"binarize needs scale: unit"),

@@ -40,7 +40,7 @@ def test_prepares_the_params_datasets_relative_to_the_params_file(tmp_path, caps
 @pytest.mark.parametrize("data,message", [
     ({"datasets": {"mnits": {}}}, "unknown dataset 'mnits'; known: celeba64, cifar10, digits, gaussian, hepmass, "
                                   "miniboone, mixture, mnist"),
-    ({"datasets": {"digits": {"logit": 0.1}}}, "data.datasets: digits: unknown option 'logit'; valid: dataset, scale"),
+    ({"datasets": {"digits": {"logit": 0.1}}}, "data.datasets: digits.logit: unknown key; known: dataset, scale"),
     ({"seed": "zero"}, "data.seed: Input should be a valid integer"),
     ({"datasets": {"digits": {}, "cifar10": {}}}, "dataset 'cifar10': files missing in {raw}/cifar-10-batches-py: "
                                                   "data_batch_1; data_batch_2"),

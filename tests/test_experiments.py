@@ -9,8 +9,9 @@ import torch
 from pydantic import ValidationError
 
 from deqsm.deq import DEQ
-from deqsm.experiments import EvalOptions, ExperimentSpec, build, evaluate, run, train_model
+from deqsm.experiments import VariantSpec, build, evaluate_variant, run, train_model
 from deqsm.models import MODELS
+from deqsm.models.density import DensityEvalOptions
 from deqsm.train import TrainSettings
 from model_checks import assert_one_training_step
 
@@ -26,12 +27,12 @@ def gaussian_splits(n=300, d=2, seed=0):
 
 
 def spec(model="dkef", variant="explicit", loss="ssm", **kw):
-    return ExperimentSpec(name=f"{model}-{variant}-{loss}", model=model, variant=variant, width=8,
+    return VariantSpec(name=f"{model}-{variant}-{loss}", model=model, variant=variant, width=8,
                           model_options=kw.pop("model_options", TINY_OPTIONS[model]), loss={"name": loss}, **kw)
 
 
 # energy models (2-D data here); the VAE and NCSN, which evaluate themselves, are in test_generative.py
-ENERGY_MODELS = [m for m in MODELS if MODELS.get(m).evaluate is None]
+ENERGY_MODELS = [m for m in MODELS if MODELS.get(m).eval_options is DensityEvalOptions]
 CASES = [(m, v, l) for m in ENERGY_MODELS for v in ("explicit", "deq") for l in LOSSES + (["mle"] if m == "nice" else [])]
 
 
@@ -91,7 +92,8 @@ def test_saved_weights_rebuild_the_same_finalised_dkef():
     rebuilt, _ = build(s, splits["train"])
     rebuilt.load_state_dict(net.state_dict())
     opts = {"is_samples": 500}
-    assert evaluate(s, rebuilt, splits, opts)["test_loglik"] == pytest.approx(evaluate(s, net, splits, opts)["test_loglik"])
+    assert (evaluate_variant(s, rebuilt, splits, opts)[0]["test_loglik"]
+            == pytest.approx(evaluate_variant(s, net, splits, opts)[0]["test_loglik"]))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -102,19 +104,19 @@ def test_saved_weights_rebuild_the_same_finalised_dkef():
     (dict(loss={"name": "mle"}), "loss 'mle' needs a model with an exact log-likelihood; 'dkef' is unnormalised"),
     (dict(model_options={"n_inducingg": 3}), r"unknown model_options \['n_inducingg'\]"),
     (dict(deq={"solver": "newton"}), "unknown solver 'newton'"),
-    (dict(colour="red"), "Extra inputs are not permitted"),
+    (dict(colour="red"), "unknown key 'colour'; known: name, model, variant"),
 ])
 def test_bad_specs_fail_clearly(kwargs, match):
     base = dict(name="x", model="dkef", variant="explicit", loss={"name": "ssm"})
     with pytest.raises(ValidationError, match=match):
-        ExperimentSpec(**{**base, **kwargs})
+        VariantSpec(**{**base, **kwargs})
 
 
 def test_bad_data_and_eval_options_fail_clearly():
     splits = gaussian_splits(60)
     s = spec("nice", "explicit", "ssm")
     with pytest.raises(ValidationError, match="is_sample"):
-        EvalOptions(is_sample=10)
+        DensityEvalOptions(is_sample=10)
     with pytest.raises(ValueError, match=r"splits lack \['test'\]"):
         run(s, {"train": splits["train"], "val": splits["val"]}, TrainSettings(steps=1, progress=False))
     with pytest.raises(ValueError, match="floating-point"):

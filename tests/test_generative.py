@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deqsm.deq import DEQ
-from deqsm.experiments import ExperimentSpec, build, evaluate_with_samples, train_model
+from deqsm.experiments import VariantSpec, build, evaluate_variant, train_model
 from deqsm.train import TrainSettings
 from model_checks import assert_one_training_step
 
@@ -23,7 +23,7 @@ def images(n=120, binary=False, seed=0):
 
 
 def spec(model, variant="deq", loss=None, depth=2, **kw):
-    return ExperimentSpec(name=f"{model}-{variant}", model=model, variant=variant, depth=depth, width=8,
+    return VariantSpec(name=f"{model}-{variant}", model=model, variant=variant, depth=depth, width=8,
                           model_options=kw.pop("model_options", OPTIONS[model]),
                           loss={"name": loss or LOSSES[model][0]}, **kw)
 
@@ -87,7 +87,7 @@ def test_vae_and_ncsn_evaluate_with_their_own_metrics_and_samples():
     torch.manual_seed(0)
     s = spec("vae", "deq", "ssm_vr")
     net, _ = build(s, splits["train"])
-    metrics, samples = evaluate_with_samples(s, net, splits, {"elbo_centres": 16, "elbo_eval": 8, "memory_batch": 8})
+    metrics, samples = evaluate_variant(s, net, splits, {"elbo_centres": 16, "elbo_eval": 8, "memory_batch": 8})
     assert metrics["test_elbo"] == pytest.approx(metrics["test_recon"] + metrics["test_log_prior"] + metrics["test_entropy"])
     assert metrics["score_step_peak_bytes"] > 0 and metrics["params"] > metrics["score_net_params"] > 0
     assert samples.shape == (64, 1, 8, 8) and 0 <= float(samples.min()) and float(samples.max()) <= 1
@@ -98,11 +98,11 @@ def test_vae_and_ncsn_evaluate_with_their_own_metrics_and_samples():
     s = spec("ncsn", "deq", "dsm")
     net, _ = build(s, splits["train"])
     opts = {"fd_samples": 20, "langevin_steps": 2, "classifier_epochs": 1}
-    metrics, samples = evaluate_with_samples(s, net, splits, opts, labels=labels)
+    metrics, samples = evaluate_variant(s, net, splits, opts, labels=labels)
     assert metrics["fd_digits_cnn"] > 0 and metrics["fd_samples"] == 20 and metrics["test_loss"] > 0
     assert samples.shape == (20, 1, 8, 8) and 0 <= float(samples.min()) and float(samples.max()) <= 1
     with pytest.raises(ValueError, match="needs the training split's labels"):
-        evaluate_with_samples(s, net, splits, opts)
+        evaluate_variant(s, net, splits, opts)
 
 
 def test_bad_data_and_losses_fail_naming_the_problem():

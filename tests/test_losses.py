@@ -80,7 +80,7 @@ def test_cp_matches_sm_on_softplus_mlp(float64):
     torch.manual_seed(0)
     model = ExplicitEnergyMLP(D, 16, 3)
     with torch.no_grad():
-        model.readout.weight.mul_(torch.sign(torch.randn_like(model.readout.weight)))  # mixed-sign curvature
+        model.net.readout.weight.mul_(torch.sign(torch.randn_like(model.net.readout.weight)))  # mixed-sign curvature
     x = torch.randn(32, D)
     exact = float(get_loss("sm")(model, x).terms["trace"].detach())
     gen = torch.Generator().manual_seed(0)
@@ -116,7 +116,7 @@ def test_loss_through_implicit_deq_equals_converged_unroll(name, float64):
         opts = {"batched": False} if name == "sm" else {"generator": torch.Generator().manual_seed(0)}
         out = get_loss(name, **opts)(model, x)
         # the readout bias shifts E by a constant: no score loss depends on it
-        params = [p for n, p in model.named_parameters() if n != "readout.bias"]
+        params = [p for n, p in model.named_parameters() if n != "net.readout.bias"]
         grads = torch.autograd.grad(out.loss, params)
         values[mode] = (out.loss.detach(), torch.cat([g.flatten() for g in grads]))
     (li, gi), (lu, gu) = values["implicit"], values["unroll"]
@@ -133,7 +133,7 @@ def test_every_loss_runs_on_deq_and_explicit():
             out.loss.backward()
             assert torch.isfinite(out.loss)
             for n, p in model.named_parameters():  # the readout bias shifts E by a constant: no gradient
-                assert (p.grad is None) == (n == "readout.bias"), n
+                assert (p.grad is None) == (n == "net.readout.bias"), n
                 assert p.grad is None or bool(torch.isfinite(p.grad).all())
             model.zero_grad()
 

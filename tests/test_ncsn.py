@@ -14,7 +14,8 @@ from deqsm.config import DEQSettings
 from deqsm.metrics.fid import (DigitsCNN, GivenFeatures, build_frechet_metric, classifier_accuracy,
                                frechet_distance, frechet_distance_of_features, gaussian_frechet_distance,
                                train_digits_cnn)
-from deqsm.models.ncsn import NCSN, NormalizedConv2d, annealed_score_loss, conv_operator_norm
+from deqsm.models.conv import NormalizedConv2d, conv_operator_norm
+from deqsm.models.ncsn import NCSN, annealed_score_loss
 from deqsm.registry import UnknownNameError
 from deqsm.sampling import annealed_langevin, geometric_sigmas
 
@@ -217,7 +218,7 @@ def test_operator_normalised_conv_reaches_its_limit_and_no_further():
 
 
 def test_ncsn_core_norm_option_reaches_the_deq_core():
-    from deqsm.models.generative import build_ncsn
+    from deqsm.models.ncsn import build_ncsn
 
     train = torch.rand(8, 1, 8, 8)
     model = build_ncsn(64, variant="deq", width=3, depth=1, deq=DEQSettings(), train=train, core_norm="operator")

@@ -8,7 +8,7 @@ from deqsm.losses import get_loss
 from deqsm.metrics.density import bits_per_dim, logit_log_jacobian
 from deqsm.models.nice import build_nice
 from deqsm.train import TrainSettings, fit
-from deqsm.train import evaluate as evaluate_objective
+from deqsm.train import mean_loss
 
 EXACT_DEQ = DEQSettings(tol=1e-12, max_iter=300)
 
@@ -84,7 +84,7 @@ def test_short_ssm_fit_lowers_the_test_sm_loss(variant):
     data = correlated_gaussian(1400)
     train, val, test = data[:1000], data[1000:1200], data[1200:]
     model = tiny(variant, 4, deq=DEQSettings())
-    sm = lambda: evaluate_objective(model, lambda m, x: get_loss("sm")(m, x), test, 200)["loss"]  # noqa: E731
+    sm = lambda: mean_loss(model, lambda m, x: get_loss("sm")(m, x), test, 200)["loss"]  # noqa: E731
     before = sm()
     fit(model, lambda m, x: get_loss("ssm")(m, x), train, val,
         TrainSettings(steps=120, batch_size=100, lr=1e-2, eval_every=40, progress=False))
@@ -92,10 +92,10 @@ def test_short_ssm_fit_lowers_the_test_sm_loss(variant):
 
 
 def test_maximum_likelihood_fit_raises_the_test_log_likelihood():
-    from deqsm.experiments import ExperimentSpec, build
+    from deqsm.experiments import VariantSpec, build
 
     data = correlated_gaussian(1200, seed=1)
-    spec = ExperimentSpec(name="nice-mle", model="nice", variant="explicit", width=7, loss={"name": "mle"})
+    spec = VariantSpec(name="nice-mle", model="nice", variant="explicit", width=7, loss={"name": "mle"})
     torch.manual_seed(0)
     model, objective = build(spec, data[:1000])
     test = data[1000:]

@@ -68,7 +68,8 @@ def test_trials_land_on_both_nodes(two_node_cluster, tmp_path):
     import ray
 
     from pipelines.ray_search import ray_session, run_search
-    from pipelines.settings import Settings, trial_config
+    from pipelines.settings import Settings
+    from pipelines.trials import trial_config
     from pipelines.tracking import Tracker
     from deqsm.data import load_splits, prepare_datasets
 

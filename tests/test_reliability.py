@@ -95,7 +95,8 @@ def _set(raw: dict, key: str, value) -> dict:
     ("experiments.dkef-mixture.model_options.n_inducingg", 3,
      "experiments.dkef-mixture: unknown model_options ['n_inducingg']; this model's options: "),
     ("experiments.dkef-mixture.eval_options.is_batchsize", 3,
-     "experiments.dkef-mixture.eval_options.is_batchsize: unknown key; known: is_samples, is_scale, is_batch_size"),
+     "experiments.dkef-mixture.eval_options.is_batchsize: unknown key; known: batch_size, seed, is_samples, is_scale, "
+     "is_batch_size"),
     # search-space values are applied to every variant's configuration and checked before Ray starts
     ("tune.search_space", {"deq.k": {"grid": [2, 0]}},
      "tune.search_space.deq.k: value 0 is invalid (deq.k: Input should be greater than or equal to 1)"),

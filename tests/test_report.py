@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from deqsm.data import load_splits, prepare_datasets
-from deqsm.experiments import ExperimentSpec, train_model
+from deqsm.experiments import VariantSpec, train_model
 from deqsm.train import TrainSettings
 from pipelines import bench, fidelity, report
 from pipelines.artifacts import Artifacts, save_model
@@ -80,7 +80,7 @@ def tree(tmp_path_factory):
     settings = load_params(root / "params.yaml")
     prepare_datasets(settings.data, base=root)
     splits = load_splits(root / "data/prepared", "gaussian")
-    spec = ExperimentSpec(name="toy/deq", model="dkef", variant="deq", width=8, model_options={"n_inducing": 5},
+    spec = VariantSpec(name="toy/deq", model="dkef", variant="deq", width=8, model_options={"n_inducing": 5},
                           loss={"name": "ssm"}, deq=settings.deq)
     model, fit = train_model(spec, splits, TrainSettings(steps=3, batch_size=32, eval_every=3, progress=False))
     save_model(Artifacts.of(settings).model("toy", "deq"), model, spec=spec.model_dump(), train={},

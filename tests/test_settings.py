@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.settings import ParamsError, apply_sample, flatten, load_params, trial_config
+from pipelines.settings import ParamsError, load_params
+from pipelines.trials import apply_sample, flatten, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

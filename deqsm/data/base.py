@@ -12,11 +12,12 @@ import hashlib
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 
+from deqsm.schema import Strict
 from deqsm.registry import Registry
 
 SPLITS = ("train", "val", "test")
@@ -24,23 +25,6 @@ SPLITS = ("train", "val", "test")
 
 class MissingDataError(FileNotFoundError):
     """A real dataset's files are absent (and could not be downloaded)."""
-
-
-class Strict(BaseModel):
-    """Unknown keys are errors that name the key and list the valid ones."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    _what: ClassVar[str] = "key"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
-            if unknown:
-                raise ValueError(f"unknown {cls._what}{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                                 f"valid: {', '.join(cls.model_fields)}")
-        return data
 
 
 @dataclass(frozen=True)
@@ -104,7 +88,7 @@ class Prepared:
 class DatasetSpec(Strict):
     """Base of every dataset: its fields are its parameters, :meth:`load` produces the splits."""
 
-    _what: ClassVar[str] = "option"
+    model_config = ConfigDict(frozen=True)
     dataset: str | None = Field(None, description="registry name when the entry's name differs "
                                                   "(e.g. digits_ncsn: {dataset: digits, scale: symmetric})")
 

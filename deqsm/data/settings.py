@@ -19,24 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
-from deqsm.data.base import DATASETS, DatasetSpec, Strict
+from deqsm.schema import Strict, describe_errors
+from deqsm.data.base import DATASETS, DatasetSpec
 from deqsm.data.generated import Gaussian, Mixture
 from deqsm.data.images import Digits
 from deqsm.data.store import check_name
-
-
-def describe(err: ValidationError, prefix: str = "") -> str:
-    """A pydantic error as one line: ``key: message`` per problem, joined by '; '."""
-    parts = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        parts.append(f"{key}: {msg}" if key else msg)
-    return "; ".join(parts)
 
 
 def default_datasets() -> dict[str, DatasetSpec]:
@@ -46,6 +35,8 @@ def default_datasets() -> dict[str, DatasetSpec]:
 
 class DataSettings(Strict):
     """The ``data`` section: where prepared and raw data live, the seed, and the datasets to prepare."""
+
+    model_config = ConfigDict(frozen=True)
 
     root: str = Field("data/prepared", description="output folder (a DVC out)")
     raw_root: str = Field("data/raw", description="real datasets' raw files")
@@ -71,7 +62,7 @@ class DataSettings(Strict):
             try:
                 out[name] = spec_cls.model_validate(options)
             except ValidationError as err:
-                raise ValueError(describe(err, str(name))) from None
+                raise ValueError("; ".join(describe_errors(err, str(name), with_input=False))) from None
         return out
 
     def dataset_names(self) -> list[str]:

@@ -8,6 +8,7 @@ Both MLPs read out linearly, so with equal width the DEQ has the parameters of a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,6 +17,7 @@ from torch.nn import functional as F
 
 from deqsm.config import DEQSettings
 from deqsm.deq import DEQ, SoftplusCell
+from deqsm.models.conv import DEQCore, ExplicitCore
 from deqsm.registry import Registry
 
 Tensor = torch.Tensor
@@ -96,8 +98,8 @@ class ExplicitMLP(nn.Module):
 class DEQMLP(nn.Module):
     """x ↦ W_out z* + b_out with z* = Softplus(Ŵ z* + U x + c) (the paper's eq. 5; g(y) = U y + c).
 
-    With a tape, the layer structure is that of the phantom steps (z_0 = z* detached, a constant in x):
-    curvature propagation needs ``backward="phantom"`` with τ = 1, as :class:`DEQEnergyMLP` does.
+    With a tape, the layer structure is that of the phantom steps (:meth:`deqsm.deq.DEQ.taped_phantom_steps`):
+    curvature propagation needs ``backward="phantom"`` with τ = 1.
     """
 
     def __init__(self, in_dim: int, width: int, out_dim: int, *, lam: float = 2.0, norm: str = "frobenius",
@@ -111,36 +113,39 @@ class DEQMLP(nn.Module):
         u = self.inject(x)
         if tape is None:
             return self.readout(self.deq(u, torch.zeros_like(u)))
-        deq = self.deq
-        if deq.backward != "phantom" or deq.tau != 1.0:
-            raise ValueError("curvature propagation through a DEQ needs backward='phantom' with tau=1 "
-                             f"(got backward={deq.backward!r}, tau={deq.tau}): only the phantom steps form "
-                             "a finite stack of affine maps and activations")
-        with torch.no_grad():
-            z, deq.last_stats = deq.solve_spec(lambda z: deq.cell(z, u), torch.zeros_like(u))
-        for _ in range(deq.k):
-            z = tape(deq.cell.linear(z) + u, "softplus")
-        return self.readout(z)
+        return self.readout(self.deq.taped_phantom_steps(u, torch.zeros_like(u), tape))
 
 
-NETWORKS: Registry[Callable[..., nn.Module]] = Registry("network variant")
+@dataclass(frozen=True)
+class NetVariant:
+    """How a variant builds each kind of network deqsm's models are made of."""
+
+    mlp: Callable[..., nn.Module]  # (in_dim, width, out_dim, *, depth, deq) -> in_dim → out_dim MLP
+    conv: Callable[..., nn.Module]  # (channels, *, depth, deq) -> a core u ↦ z on (B, channels, H, W)
 
 
-@NETWORKS.register("explicit")
-def explicit_net(in_dim: int, width: int, out_dim: int, *, depth: int, deq: DEQSettings) -> nn.Module:
-    return ExplicitMLP(in_dim, width, out_dim, depth)
-
-
-@NETWORKS.register("deq")
-def deq_net(in_dim: int, width: int, out_dim: int, *, depth: int, deq: DEQSettings) -> nn.Module:
-    return DEQMLP(in_dim, width, out_dim, lam=deq.lam, norm=deq.norm, **deq.layer_options())
+# The variant of every network (params.yaml's ``variant``): ``explicit`` stacks ``depth`` layers; ``deq`` is
+# one weight-tied layer at its fixed point (``depth`` ignored), solved and differentiated as ``deq`` says.
+VARIANTS: Registry[NetVariant] = Registry("network variant")
+VARIANTS.register("explicit")(NetVariant(
+    mlp=lambda in_dim, width, out_dim, *, depth, deq: ExplicitMLP(in_dim, width, out_dim, depth),
+    conv=lambda channels, *, depth, deq: ExplicitCore(channels, depth)))
+VARIANTS.register("deq")(NetVariant(
+    mlp=lambda in_dim, width, out_dim, *, depth, deq: DEQMLP(in_dim, width, out_dim, lam=deq.lam, norm=deq.norm,
+                                                             **deq.layer_options()),
+    conv=lambda channels, *, depth, deq: DEQCore(channels, deq)))
 
 
 def make_net(variant: str, in_dim: int, width: int, out_dim: int, *, depth: int, deq: DEQSettings) -> nn.Module:
     """An MLP ``in_dim → out_dim`` of the given variant (``explicit``: ``depth`` hidden layers; ``deq``)."""
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
-    return NETWORKS.get(variant)(in_dim, width, out_dim, depth=depth, deq=deq)
+    return VARIANTS.get(variant).mlp(in_dim, width, out_dim, depth=depth, deq=deq)
+
+
+def make_conv_core(variant: str, channels: int, *, depth: int, deq: DEQSettings) -> nn.Module:
+    """A convolutional core of the given variant (NCSN's: :mod:`deqsm.models.conv`)."""
+    return VARIANTS.get(variant).conv(channels, depth=depth, deq=deq)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -39,6 +39,8 @@ from torch import nn
 from deqsm.config import DEQSettings
 from deqsm.losses import LossOutput, get_loss, hessian_trace, sample_projections
 from deqsm.models.blocks import LayerTape, make_net, no_layers_recorded
+from deqsm.models.density import DensityEvalOptions, evaluate_density
+from deqsm.models.family import ModelFamily
 from deqsm.registry import Registry
 
 Tensor = torch.Tensor
@@ -368,3 +370,7 @@ def finalize_dkef(model: DKEF, loss: str, options: dict, train: Tensor) -> None:
     model.eval()
     model.fit_alpha(train, loss, options)
     model.train(was_training)
+
+
+FAMILY = ModelFamily("dkef", build=build_dkef, objective=dkef_objective, evaluate=evaluate_density,
+                     eval_options=DensityEvalOptions, finalize=finalize_dkef)

@@ -14,14 +14,8 @@ The network (for small images, e.g. 8×8 digits), ``s(x, σ) = head(z) / σ``:
 
 Output division by σ (the NCSNv2 parameterisation) makes ‖s‖ ∝ 1/σ, as the true score's is.
 
-Well-posedness of the DEQ: for a k×k convolution with zero padding, ‖W ⋆ ·‖₂ ≤ k · ‖W_flat‖₂ ≤ k · ‖W‖_F
-(each output pixel sees k² input pixels), so with ``norm`` frobenius / spectral the weight is normalised by
-λ · k · ‖W‖ (that norm of the flattened kernel). The bound is loose: a trained 16-channel core normalised so
-with λ = 2 measured ‖Ŵ ⋆ ·‖₂ ≈ 0.17 on 8×8 images, a third of the 1/λ = 0.5 it may reach, so the
-DEQ was a weak contraction. ``norm: operator`` normalises by the convolution's operator norm itself,
-computed exactly for the circular convolution on the image grid enlarged by k − 1
-(:func:`conv_operator_norm`), which bounds the zero-padded one: ‖Ŵ ⋆ ·‖₂ ≤ 1/λ with (almost) no slack.
-With λ > 1 and the 1-Lipschitz Softplus the cell is a contraction and its fixed point unique.
+The blocks and the DEQ's well-posedness (normalising the convolution by λ times its norm) are in
+:mod:`deqsm.models.conv`; the core's variant comes from :data:`deqsm.models.blocks.VARIANTS`.
 
 Losses (:func:`annealed_score_loss`): each sample draws σ from the ladder and x̃ = x + σε.
 
@@ -33,128 +27,22 @@ Losses (:func:`annealed_score_loss`): each sample draws σ from the ladder and x
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
 from deqsm.config import DEQSettings
-from deqsm.deq import DEQ, NORMALIZATIONS, CachedNormalization
 from deqsm.losses import LOSSES, LossOutput, get_score_loss
-from deqsm.registry import Registry
+from deqsm.models.blocks import make_conv_core
+from deqsm.models.conv import ResidualBlock
+from deqsm.models.family import EvalOptions, Headline, ModelFamily
+from deqsm.sampling import annealed_langevin, geometric_sigmas
+from deqsm.train import mean_loss
 
 Tensor = torch.Tensor
-
-
-def conv_operator_norm(weight: Tensor, size: tuple[int, int]) -> Tensor:
-    """An upper bound, tight in practice, of ‖W ⋆ ·‖₂ for the 'same' zero-padded convolution (``F.conv2d``
-    with padding k // 2) of ``weight`` (C_out, C_in, k, k) on images of ``size`` (H, W), differentiable in
-    the weight.
-
-    The zero-padded convolution is a crop of the full linear convolution, which equals the circular one on
-    the (H + k − 1) × (W + k − 1) grid (no wrap-around), whose operator norm is exactly the largest σ_max of
-    the kernel's C_out × C_in transform over that grid's frequencies."""
-    k_h, k_w = weight.shape[-2:]
-    grid = (size[0] + k_h - 1, size[1] + k_w - 1)
-    spectrum = torch.fft.fft2(weight, s=grid)  # (C_out, C_in, H', W')
-    blocks = spectrum.permute(2, 3, 0, 1).reshape(-1, weight.shape[0], weight.shape[1])
-    return torch.linalg.matrix_norm(blocks, ord=2).max()
-
-
-class NormalizedConv2d(CachedNormalization):
-    """A bias-free 'same' convolution z ↦ Ŵ ⋆ z with ‖Ŵ ⋆ ·‖₂ ≤ 1/λ: Ŵ = W / (λ k (‖W‖ + ε)) for ``norm``
-    frobenius / spectral (a bound through the flattened kernel), W / (λ (‖W ⋆ ·‖₂ + ε)) for ``operator``
-    (:func:`conv_operator_norm` on the input's image size)."""
-
-    def __init__(self, channels: int, kernel_size: int = 3, *, lam: float = 2.0, norm: str = "frobenius") -> None:
-        super().__init__()
-        if not lam > 1.0:
-            raise ValueError(f"normalisation lambda must be > 1 for a contraction, got {lam}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-        self.lam, self.norm, self.kernel_size = lam, norm, kernel_size
-        self._normalize = NORMALIZATIONS.get(norm)
-        self.weight = nn.Parameter(torch.empty(channels, channels, kernel_size, kernel_size))
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-
-    def _size_key(self, size: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        return size if self.norm == "operator" else None  # the operator norm depends on the image size
-
-    def _compute(self, size: tuple[int, ...] | None) -> Tensor:
-        if self.norm == "operator":
-            if size is None:
-                raise ValueError("norm 'operator' needs the image size (H, W) the convolution is applied to")
-            return self.weight / (self.lam * (conv_operator_norm(self.weight, size) + 1e-6))
-        # The factor k makes the flattened-kernel norm bound the operator norm of the convolution.
-        return self._normalize(self.weight, self.lam * self.kernel_size)
-
-    def forward(self, z: Tensor) -> Tensor:
-        return F.conv2d(z, self.normalized_weight(tuple(z.shape[-2:])), padding=self.kernel_size // 2)
-
-
-class ConvSoftplusCell(nn.Module):
-    """f(z, u) = Softplus(Ŵ ⋆ z + u): the DEQ cell of the NCSN core (a contraction in z)."""
-
-    def __init__(self, channels: int, kernel_size: int = 3, *, lam: float = 2.0, norm: str = "frobenius") -> None:
-        super().__init__()
-        self.conv = NormalizedConv2d(channels, kernel_size, lam=lam, norm=norm)
-
-    def forward(self, z: Tensor, u: Tensor) -> Tensor:
-        return F.softplus(self.conv(z) + u)
-
-
-class ResidualBlock(nn.Module):
-    """h + conv(softplus(conv(softplus(h)))): the injection g(y) of the NCSN core."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, h: Tensor) -> Tensor:
-        return h + self.conv2(F.softplus(self.conv1(F.softplus(h))))
-
-
-class DEQCore(nn.Module):
-    """z* = Softplus(Ŵ ⋆ z* + u) by a :class:`deqsm.deq.DEQ` (solver and backward mode from ``deq``)."""
-
-    def __init__(self, channels: int, deq: DEQSettings) -> None:
-        super().__init__()
-        self.deq = DEQ(ConvSoftplusCell(channels, lam=deq.lam, norm=deq.norm), **deq.layer_options())
-
-    def forward(self, u: Tensor) -> Tensor:
-        return self.deq(u, torch.zeros_like(u))
-
-
-class ExplicitCore(nn.Module):
-    """z_l = Softplus(W_l ⋆ z_{l−1} + u), l = 1…depth, z_0 = Softplus(u): the DEQ's block, untied and
-    unnormalised (starting from z = 0 would leave W_1 without effect or gradient)."""
-
-    def __init__(self, channels: int, depth: int) -> None:
-        super().__init__()
-        if depth < 1:
-            raise ValueError(f"explicit depth must be >= 1, got {depth}")
-        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1, bias=False) for _ in range(depth))
-
-    def forward(self, u: Tensor) -> Tensor:
-        z = F.softplus(u)
-        for conv in self.convs:
-            z = F.softplus(conv(z) + u)
-        return z
-
-
-NCSN_CORES: Registry[Callable[..., nn.Module]] = Registry("NCSN core")
-
-
-@NCSN_CORES.register("deq")
-def _deq_core(channels: int, *, depth: int, deq: DEQSettings) -> nn.Module:
-    return DEQCore(channels, deq)
-
-
-@NCSN_CORES.register("explicit")
-def _explicit_core(channels: int, *, depth: int, deq: DEQSettings) -> nn.Module:
-    return ExplicitCore(channels, depth)
 
 
 class NCSN(nn.Module):
@@ -163,7 +51,7 @@ class NCSN(nn.Module):
     Args:
         in_channels: image channels.
         channels: feature channels of the core.
-        variant: ``deq`` or ``explicit`` (:data:`NCSN_CORES`).
+        variant: ``deq`` or ``explicit`` (:data:`deqsm.models.blocks.VARIANTS`).
         depth: blocks of the explicit core (ignored by ``deq``).
         deq: solver / backward settings of the DEQ core (default :class:`deqsm.config.DEQSettings`).
     """
@@ -177,7 +65,7 @@ class NCSN(nn.Module):
         self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.embed = nn.Linear(1, channels)
         self.inject = ResidualBlock(channels)
-        self.core = NCSN_CORES.get(variant)(channels, depth=depth, deq=deq or DEQSettings())
+        self.core = make_conv_core(variant, channels, depth=depth, deq=deq or DEQSettings())
         self.head = nn.Conv2d(channels, in_channels, 3, padding=1)
 
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
@@ -242,3 +130,124 @@ def annealed_score_loss(name: str, sigmas: Sequence[float], *, generator: torch.
 
     loss_fn.__name__ = f"annealed_{name}_loss"
     return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------------
+# NCSN as a model family of the pipeline (model: ncsn)
+# ---------------------------------------------------------------------------------------------------
+class NCSNEvalOptions(EvalOptions):
+    """Evaluation knobs of NCSN: annealed Langevin samples and their Fréchet distance."""
+
+    fd_extractor: Literal["auto", "inception", "digits_cnn"] = Field(
+        "auto", description="FD features (auto: Inception when its weights are on disk, else the digits CNN)")
+    inception_weights: str | None = Field(None, description="Inception-v3 weights file (never downloaded)")
+    fd_samples: int | None = Field(None, ge=2, description="samples for the FD (null: the test-set size)")
+    langevin_steps: int = Field(20, ge=1, description="annealed Langevin steps per noise level")
+    langevin_lr: float = Field(5e-5, gt=0, description="Langevin step size at the smallest σ")
+    classifier_epochs: int = Field(15, ge=1, description="epochs of the digits CNN behind fd_digits_cnn")
+    pixel_range: Literal["unit", "symmetric"] = Field("unit", description="data range [0, 1] or [−1, 1]")
+
+
+def build_ncsn(dim: int, *, variant: str, width: int, depth: int, deq: DEQSettings, train: Tensor,
+               sigma_max: float = 1.0, sigma_min: float = 0.01, sigma_levels: int = 10,
+               core_norm: str | None = None) -> NCSN:
+    """An :class:`NCSN` for images (N, C, H, W) with ``width`` channels and the geometric σ ladder
+    (registered as the buffer ``sigmas``, so the weights file carries it). ``core_norm`` overrides
+    ``deq.norm`` for the DEQ core's convolution (``operator``: its exact operator norm, see
+    :mod:`deqsm.models.ncsn`)."""
+    if train.dim() != 4:
+        raise ValueError(f"NCSN needs image data (N, C, H, W), got shape {tuple(train.shape)}: prepare an image "
+                         "dataset (digits, mnist, cifar10, celeba64)")
+    if core_norm is not None:
+        deq = DEQSettings(**{**deq.model_dump(), "norm": core_norm})
+    model = NCSN(train.shape[1], width, variant=variant, depth=depth, deq=deq)
+    model.register_buffer("sigmas", torch.tensor(geometric_sigmas(sigma_max, sigma_min, sigma_levels)))
+    return model
+
+
+def ncsn_objective(loss: str, options: dict[str, Any], train: Tensor):
+    """The annealed loss on the model's own σ ladder."""
+    cache: dict[tuple[float, ...], Any] = {}
+
+    def objective(model: NCSN, batch: Tensor) -> LossOutput:
+        key = tuple(float(s) for s in model.sigmas)
+        if key not in cache:
+            cache[key] = annealed_score_loss(loss, key, **options)
+        return cache[key](model, batch)
+
+    annealed_score_loss(loss, [1.0], **options)  # a bad loss name or option fails here, not in training
+    return objective
+
+
+_CLASSIFIERS: dict[str, nn.Module] = {}
+
+
+def _feature_classifier(images: Tensor, labels: Tensor, seed: int, epochs: int) -> nn.Module:
+    """The digits CNN behind ``fd_digits_cnn``, trained once per (training images, labels, seed, epochs) in
+    this process: every variant of an experiment is measured in the same feature space, and it is not
+    retrained for each one."""
+    import hashlib
+
+    from deqsm.metrics.fid import train_digits_cnn
+
+    digest = hashlib.sha256()
+    for t in (images.float().contiguous(), labels.long().contiguous()):
+        digest.update(t.cpu().numpy().tobytes())
+    key = f"{digest.hexdigest()}-{seed}-{epochs}"
+    if key not in _CLASSIFIERS:
+        _CLASSIFIERS[key] = train_digits_cnn(images, labels, seed=seed, epochs=epochs)
+    return _CLASSIFIERS[key]
+
+
+def ncsn_headline(metric_keys: Any):
+    """NCSN is judged by the Fréchet distance of its samples, named by its feature extractor
+    (``fd_digits_cnn``, ``fid_inception``); lower is better."""
+    from deqsm.metrics.fid import FEATURE_EXTRACTORS
+
+    names = [FEATURE_EXTRACTORS.get(name).metric_name for name in FEATURE_EXTRACTORS]
+    key = next((n for n in sorted(names) if n in set(metric_keys)), "fd")
+    return Headline(key, f"{key} (lower is better)", False, "")
+
+
+def evaluate_ncsn(model: NCSN, splits: dict[str, Tensor], opts: "NCSNEvalOptions", spec: Any, *,
+                  true_density: Any = None, labels: dict[str, Tensor] | None = None) -> tuple[dict[str, float], Tensor]:
+    """The test loss, and ``opts.fd_samples`` samples by annealed Langevin dynamics (uniform start on the
+    data range, ``opts.langevin_steps`` per level, step ``opts.langevin_lr`` at the smallest σ) with their
+    Fréchet distance to the test split; for scale, the same distance between training and test images."""
+    from deqsm.metrics.fid import build_frechet_metric, classifier_accuracy, frechet_distance, \
+        inception_unavailable_reason
+    device = next(model.parameters()).device
+    train, test = splits["train"], splits["test"]
+    lo, hi = (-1.0, 1.0) if opts.pixel_range == "symmetric" else (0.0, 1.0)
+    unit = lambda t: ((t - lo) / (hi - lo)).cpu()  # noqa: E731 — FD features take [0, 1] images
+    out: dict[str, float] = {}
+    torch.manual_seed(opts.seed)
+    out["test_loss"] = mean_loss(model, ncsn_objective(spec.loss.name, spec.loss.options, train),
+                                          test.to(device), opts.batch_size)["loss"]
+    classifier = None
+    if opts.fd_extractor == "digits_cnn" or (opts.fd_extractor == "auto"
+                                             and inception_unavailable_reason(opts.inception_weights) is not None):
+        if labels is None or labels.get("train") is None:
+            raise ValueError("FD with the digits CNN needs the training split's labels; this dataset has none "
+                             "(give eval_options.inception_weights, or use a labelled image dataset)")
+        classifier = _feature_classifier(unit(train), labels["train"], opts.seed, opts.classifier_epochs)
+        if labels.get("test") is not None:
+            out["fd_classifier_test_accuracy"] = classifier_accuracy(classifier, unit(test), labels["test"])
+    fd = build_frechet_metric(opts.fd_extractor, inception_weights=opts.inception_weights, classifier=classifier)
+    n = min(opts.fd_samples, test.shape[0]) if opts.fd_samples else test.shape[0]
+    gen = torch.Generator(device=device).manual_seed(opts.seed)
+    x0 = lo + (hi - lo) * torch.rand(n, *test.shape[1:], generator=gen, device=device)
+    was_training = model.training
+    model.eval()
+    samples, _ = annealed_langevin(model, x0, [float(s) for s in model.sigmas], step_lr=opts.langevin_lr,
+                                   steps_per_level=opts.langevin_steps, clamp=(lo, hi), generator=gen)
+    model.train(was_training)
+    out[fd.name] = frechet_distance(fd, unit(test), unit(samples))
+    ref = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(opts.seed))[:n]]
+    out[f"{fd.name}_train_vs_test"] = frechet_distance(fd, unit(test), unit(ref))
+    out["fd_samples"] = float(n)
+    return out, unit(samples[:64])
+
+
+FAMILY = ModelFamily("ncsn", build=build_ncsn, objective=ncsn_objective, evaluate=evaluate_ncsn,
+                     eval_options=NCSNEvalOptions, headline=ncsn_headline)

@@ -17,12 +17,15 @@ Bits/dim of the pixels, accounting for the logit transform, are in :func:`deqsm.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
 
 from deqsm.config import DEQSettings
 from deqsm.models.blocks import LayerTape, make_net, no_layers_recorded
+from deqsm.models.density import DensityEvalOptions, energy_objective, evaluate_density
+from deqsm.models.family import ModelFamily
 
 Tensor = torch.Tensor
 
@@ -96,3 +99,8 @@ def build_nice(dim: int, *, variant: str, width: int, depth: int, deq: DEQSettin
     half = dim // 2
     sizes = [(half, dim - half) if i % 2 == 0 else (dim - half, half) for i in range(n_couplings)]
     return NICE(dim, [make_net(variant, a, width, b, depth=depth, deq=deq) for a, b in sizes])
+
+
+FAMILY = ModelFamily("nice", build=build_nice, objective=energy_objective,
+                     evaluate=partial(evaluate_density, normalised=True), eval_options=DensityEvalOptions,
+                     normalised=True)

@@ -20,16 +20,19 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
 from deqsm.config import DEQSettings
 from deqsm.losses import LossOutput, get_score_loss
+from deqsm.metrics.elbo import estimate_elbo
 from deqsm.metrics.memory import measure_step
-from deqsm.models.blocks import make_net
+from deqsm.models.blocks import count_parameters, make_net
+from deqsm.models.family import EvalOptions, Headline, ModelFamily
 from deqsm.registry import Registry
 
 Tensor = torch.Tensor
@@ -316,3 +319,88 @@ class ImplicitVAETrainer:
             solver_nstep=float(stats.nstep) if stats is not None else None,
             solver_residual=float(stats.abs_residual_max) if stats is not None else None,
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The VAE as a model family of the pipeline (model: vae)
+# ---------------------------------------------------------------------------------------------------
+class VAEEvalOptions(EvalOptions):
+    """Evaluation knobs of the VAE."""
+
+    elbo_centres: int = Field(512, ge=2, description="encoder samples per test x for the KDE of q(z|x)")
+    elbo_eval: int = Field(128, ge=1, description="samples per test x for the bandwidth choice and the estimate")
+    iw_samples: int = Field(0, ge=0, description="draws for the importance-weighted bound (0: off)")
+    memory_batch: int = Field(64, ge=1, description="batch of the measured score-network step")
+
+
+def build_vae(dim: int, *, variant: str, width: int, depth: int, deq: DEQSettings, train: Tensor,
+              z_dim: int = 8, hidden_width: int = 256, hidden_depth: int = 2, eps_dim: int | None = None,
+              val_elbo_samples: int = 32) -> ImplicitVAE:
+    """An :class:`ImplicitVAE` for binarised data of ``dim`` pixels; the score net is the variant.
+
+    ``val_elbo_samples``: encoder samples per x of the validation ELBO estimate (KDE centres; its bandwidth
+    choice and estimate take half as many each)."""
+    if val_elbo_samples < 4:
+        raise ValueError(f"val_elbo_samples must be >= 4, got {val_elbo_samples}")
+    values = torch.unique(train)
+    if not bool(((values == 0) | (values == 1)).all()):
+        raise ValueError("the VAE's Bernoulli decoder needs binarised data (0/1 pixels): prepare the dataset "
+                         "with binarize: threshold or bernoulli")
+    model = ImplicitVAE(dim, z_dim, width=hidden_width, depth=hidden_depth, score_variant=variant,
+                        score_width=width, deq=deq, eps_dim=eps_dim,
+                        score_depth=depth if variant == "explicit" else None)
+    model.val_elbo_samples = val_elbo_samples
+    return model
+
+
+def vae_objective(loss: str, options: dict[str, Any], train: Tensor):
+    """Training: score-net loss + VAE surrogate (see the module docstring); evaluation mode: −ELBO."""
+    if loss not in VAE_SCORE_LOSSES:
+        raise ValueError(f"the VAE's score network trains by {', '.join(VAE_SCORE_LOSSES)}; got loss {loss!r}")
+    loss_fn = get_score_loss(loss, **options)
+
+    def objective(model: ImplicitVAE, batch: Tensor) -> LossOutput:
+        x = batch.flatten(1)
+        if not model.training:
+            n = model.val_elbo_samples
+            est = estimate_elbo(model.encoder.sample, model.log_likelihood, model.log_prior, x,
+                                n_centres=n, n_select=max(2, n // 2), n_eval=max(2, n // 2), batch_size=x.shape[0])
+            elbo = est.elbo.mean()
+            return LossOutput(-elbo, {"elbo": elbo, "recon": est.recon.mean(), "kl": est.kl.mean()})
+        score = model.score_objective(x, loss_fn)
+        vae = model.vae_objective(x)
+        return LossOutput(score.loss + vae.loss, {"score_loss": score.loss.detach(), "vae_surrogate": vae.loss.detach(),
+                                                  **vae.terms})
+
+    return objective
+
+
+def evaluate_vae(model: ImplicitVAE, splits: dict[str, Tensor], opts: "VAEEvalOptions", spec: Any, *,
+                 true_density: Any = None, labels: dict[str, Tensor] | None = None) -> tuple[dict[str, float], Tensor]:
+    """Test ELBO (KDE entropy per x; also the importance-weighted bound when ``opts.iw_samples``), the score
+    network's test loss, the memory of one score-network step (the paper's Table 1 compares these), and 64
+    samples (Bernoulli means of x ~ p(x|z), z ~ N(0, I)) shaped like the data."""
+    device = next(model.parameters()).device
+    test = splits["test"].to(device)
+    x = test.flatten(1)
+    torch.manual_seed(opts.seed)
+    est = estimate_elbo(model.encoder.sample, model.log_likelihood, model.log_prior, x, n_centres=opts.elbo_centres,
+                        n_select=opts.elbo_eval, n_eval=opts.elbo_eval, iw_samples=opts.iw_samples)
+    out = est.summary("test_")
+    loss_fn = get_score_loss(spec.loss.name, **spec.loss.options)
+    batches = [x[i:i + opts.batch_size] for i in range(0, x.shape[0], opts.batch_size)]
+    out["test_score_loss"] = sum(float(model.score_objective(b, loss_fn).loss.detach()) * b.shape[0] for b in batches) / x.shape[0]
+    was_training = model.training
+    model.train()  # the step as training takes it (DEQ backward hooks)
+    batch = x[:opts.memory_batch]
+    _, mem = measure_step(lambda: model.score_objective(batch, loss_fn).loss, list(model.score.parameters()), device)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    out["score_step_peak_bytes"] = float(mem.peak_bytes)
+    out["score_net_params"] = float(count_parameters(model.score))
+    images = model.sample(64, torch.Generator(device=device).manual_seed(opts.seed)).view(-1, *test.shape[1:])
+    return out, images.cpu()
+
+
+FAMILY = ModelFamily("vae", build=build_vae, objective=vae_objective, evaluate=evaluate_vae,
+                     eval_options=VAEEvalOptions, headline=Headline("test_elbo", "test ELBO (nats)", True, "nats"))

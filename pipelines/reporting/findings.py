@@ -8,7 +8,9 @@ from typing import Any
 
 from pipelines.reporting.inputs import MIB, ExperimentData, MemoryBench, number
 from pipelines.reporting.tables import fmt
+from deqsm.models.density import DensityEvalOptions
 from pipelines.settings import Settings
+from pipelines.trials import experiment_eval_options
 
 PAPER_BENCH_SIZE = (784, 1000, 128)  # input, width, batch of the paper's memory comparison
 
@@ -162,7 +164,7 @@ def caveats(s: Settings, datas: list[ExperimentData], all_rows: dict[str, list[d
         ess = [number(m.get("test_is_ess")) for m in data.metrics.values()]
         ess = [e for e in ess if e is not None]
         if ess:
-            n_is = {**s.eval.model_dump(), **data.spec.eval_options}.get("is_samples")
+            n_is = experiment_eval_options(s, data.name).get("is_samples", DensityEvalOptions().is_samples)
             out.append(f"`{data.name}`: log-likelihoods use an importance-sampled log Z ({n_is} samples, effective "
                        f"sample size {min(ess):.0f}–{max(ess):.0f}); the paper uses 10⁶ samples.")
         missing = [r["variant"] for r in all_rows[data.name] if r["status"] != "ok"]

@@ -1,0 +1,123 @@
+"""The configuration of one variant's trials, combined from params.yaml's sections, and its checks.
+
+:func:`trial_config` is what the tune stage gives each Ray trial and the train stage retrains (plain data:
+the variant's spec with the deq, train and evaluation settings); :func:`apply_sample` puts a search-space
+point on top; :func:`check_trials` validates every combination before any work starts.
+"""
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from deqsm.schema import error_items
+from deqsm.models import MODELS
+
+if TYPE_CHECKING:
+    from pipelines.settings import Settings
+
+
+def experiment_eval_options(settings: "Settings", experiment: str) -> dict[str, Any]:
+    """The evaluation options of ``experiment``: the ``eval`` section's values that its model family has,
+    overridden by the experiment's own ``eval_options``."""
+    exp = settings.experiments[experiment]
+    known = MODELS.get(exp.model).eval_options.model_fields
+    shared = {k: v for k, v in settings.eval.model_dump(exclude_unset=True).items() if k in known}
+    return {**shared, **exp.eval_options}
+
+
+def check_trials(settings: "Settings") -> list[str]:
+    """Problems of the trial configurations the sections combine into (model options, loss options, eval
+    options, every search-space value applied to every variant), found here rather than in each Ray trial."""
+    from deqsm.experiments import VariantSpec
+    from deqsm.train import TrainSettings
+
+    samples = [(key, {key: value}) for key, entry in settings.tune.search_space.items() for value in entry.extremes()]
+    problems: dict[str, None] = {}  # ordered, without repeats (each variant meets the same mistakes)
+
+    def check(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+        found = []
+        checks = [("", VariantSpec, cfg["spec"]), ("train", TrainSettings, cfg["train"])]
+        if cfg["spec"]["model"] in MODELS:  # else the spec's check names the unknown model
+            checks.append(("eval_options", MODELS.get(cfg["spec"]["model"]).eval_options, cfg["eval_options"]))
+        for section, model, data in checks:
+            try:
+                model(**data)
+            except ValidationError as err:
+                found += error_items(err, section, with_input=False)
+        return found
+
+    for name in settings.experiments:
+        for variant in settings.experiments[name].variants:
+            base = trial_config(settings, name, variant)
+            found = check(base)
+            for where, msg in found:
+                problems[f"experiments.{name}{'.' + where if where else ''}: {msg}"] = None
+            if found:
+                continue  # the search-space values are checked on a valid configuration
+            for key, sample in samples:
+                for where, msg in check(apply_sample(base, sample)):
+                    problems[f"tune.search_space.{key}: value {sample[key]!r} is invalid ({where}: {msg})"] = None
+    return list(problems)
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts → dotted keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def trial_config(settings: "Settings", experiment: str, variant: str) -> dict[str, Any]:
+    """The full, plain-data configuration of one variant's trials: the experiment's spec with the deq,
+    train and eval sections (search values are applied on top by :func:`apply_sample`)."""
+    exp = settings.experiments[experiment]
+    var = exp.variants[variant]
+    cfg = {
+        "experiment": experiment,
+        "variant_name": variant,
+        "dataset": exp.dataset,
+        "spec": {
+            "name": f"{experiment}/{variant}",
+            "model": exp.model,
+            "variant": var.variant,
+            "depth": var.depth,
+            "width": var.width or exp.width,
+            "model_options": copy.deepcopy(exp.model_options),
+            "loss": exp.loss.model_dump(),
+            "deq": settings.deq.model_dump(),
+        },
+        "train": settings.train.model_dump(),
+        "eval_options": experiment_eval_options(settings, experiment),
+    }
+    cfg["train"]["seed"] = settings.base.seed
+    cfg["train"]["device"] = settings.base.device
+    return cfg
+
+
+def apply_sample(cfg: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a trial config with sampled values (dotted keys: train.*, width, deq.*, loss.*, model_options.*)."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in sample.items():
+        section, _, rest = key.partition(".")
+        if section == "train":
+            set_dotted(cfg["train"], rest, value)
+        elif section == "width":
+            cfg["spec"]["width"] = value
+        else:
+            set_dotted(cfg["spec"], key, value)
+    return cfg
