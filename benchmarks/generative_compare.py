@@ -1,11 +1,17 @@
 #!/usr/bin/env python
 """Generative experiments of the paper (§4.1 implicit-encoder VAE, §4.4 NCSN), short runs on 8×8 digits.
 
-VAE: an implicit encoder whose entropy gradient comes from a score network s(x, z) trained by SSM(-VR) in
-alternation with the VAE, for each score-network variant (deq, explicit, aug8, aug16). Per variant: the
-test ELBO with the implicit encoder's entropy estimated per x by a kernel density estimate
-(deqsm.metrics.elbo; also the importance-weighted bound with the KDE as proposal), time per training
-iteration, autograd memory of the score step, and a sample grid.
+Every model is built, trained and evaluated exactly as the pipeline does it — a
+:class:`deqsm.experiments.VariantSpec` of its model family, :func:`deqsm.experiments.train_model` (the one
+training loop, :func:`deqsm.train.fit`) and :func:`deqsm.experiments.evaluate_variant` — without Ray,
+MLflow or DVC, so it also runs on a bare GPU machine.
+
+VAE: an implicit encoder whose entropy gradient comes from a score network s(x, z) trained by SSM(-VR),
+one optimiser step on score loss + VAE surrogate (their stop-gradients keep the gradients apart), for each
+score-network variant (deq, explicit = explicit-2, aug8 = explicit-8, aug16 = explicit-16, or any
+explicit-L). Per variant: the test ELBO with the implicit encoder's entropy estimated per x by a kernel
+density estimate (deqsm.metrics.elbo; also the importance-weighted bound with the KDE as proposal), time per
+training step, autograd memory of the score step, and a sample grid.
 
 NCSN: a noise-conditional score network with a DEQ core (deq) or an explicit stack of the same blocks
 (explicit), trained with annealed SSM and annealed DSM; samples by annealed Langevin dynamics; Fréchet
@@ -31,16 +37,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from deqsm.config import DEQSettings  # noqa: E402
-from deqsm.metrics.elbo import estimate_elbo  # noqa: E402
-from deqsm.metrics.fid import (build_frechet_metric, classifier_accuracy, frechet_distance,  # noqa: E402
-                               train_digits_cnn)
+from deqsm.experiments import VariantSpec, evaluate_variant, make_objective, train_model  # noqa: E402
+from deqsm.metrics.fid import build_frechet_metric, frechet_distance  # noqa: E402
 from deqsm.metrics.memory import measure_step  # noqa: E402
-from deqsm.models.blocks import count_parameters  # noqa: E402
-from deqsm.models.ncsn import NCSN, annealed_score_loss  # noqa: E402
-from deqsm.models.vae import SCORE_NETS, VAE_SCORE_LOSSES, ImplicitVAE, ImplicitVAETrainer  # noqa: E402
-from deqsm.sampling import annealed_langevin, geometric_sigmas, save_image_grid  # noqa: E402
+from deqsm.models.ncsn import fd_feature_classifier  # noqa: E402
+from deqsm.models.vae import VAE_SCORE_LOSSES  # noqa: E402
+from deqsm.sampling import save_image_grid  # noqa: E402
+from deqsm.train import Callback, TrainSettings  # noqa: E402
 
 Tensor = torch.Tensor
+# The paper's names of the VAE's score networks (its Table 1): variant and depth.
+PAPER_SCORE_NETS = {"deq": ("deq", 2), "explicit": ("explicit", 2), "aug8": ("explicit", 8),
+                    "aug16": ("explicit", 16)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,10 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight normalisation of the DEQ layers: frobenius (the paper's), spectral, or operator "
                         "(the exact operator norm; for NCSN's convolution computed on the image grid)")
     # VAE
-    p.add_argument("--vae-variants", nargs="+", default=["deq", "explicit", "aug8", "aug16"])
+    p.add_argument("--vae-variants", nargs="+", default=["deq", "explicit", "aug8", "aug16"],
+                   help="score networks: deq, explicit (depth 2), aug8, aug16 or explicit-L")
     p.add_argument("--vae-score-loss", default="ssm_vr", choices=list(VAE_SCORE_LOSSES))
-    p.add_argument("--score-steps", type=int, default=3,
-                   help="score-network updates per VAE update (fewer let the encoder outrun its score estimate)")
     p.add_argument("--z-dim", type=int, default=8)
     p.add_argument("--vae-width", type=int, default=256, help="encoder / decoder / score-net width")
     p.add_argument("--vae-batch", type=int, default=128)
@@ -98,14 +105,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.vae_steps = args.vae_steps or args.steps or 400
     args.ncsn_steps = args.ncsn_steps or args.steps or 500
-    for name in ("vae_steps", "ncsn_steps", "samples", "langevin_steps", "timing_rounds", "classifier_epochs",
-                 "score_steps"):
+    for name in ("vae_steps", "ncsn_steps", "samples", "langevin_steps", "timing_rounds", "classifier_epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     for v in args.vae_variants:
-        if v not in SCORE_NETS:
-            p.error(f"unknown --vae-variants {v!r}; known: {', '.join(SCORE_NETS)}")
+        try:
+            score_net(v)
+        except ValueError as err:
+            p.error(str(err))
     return args
+
+
+def score_net(label: str) -> tuple[str, int]:
+    """A score network's (variant, depth) from the paper's name or ``explicit-L``."""
+    if label in PAPER_SCORE_NETS:
+        return PAPER_SCORE_NETS[label]
+    if label.startswith("explicit-") and label[len("explicit-"):].isdigit() and int(label[len("explicit-"):]) >= 1:
+        return "explicit", int(label[len("explicit-"):])
+    raise ValueError(f"unknown --vae-variants {label!r}; known: {', '.join(PAPER_SCORE_NETS)} or explicit-L")
 
 
 def emit(row: dict, sink) -> None:
@@ -128,99 +145,87 @@ def load_digits_splits(seed: int) -> dict[str, Tensor]:
     return {"train_x": x[train], "train_y": y[train], "test_x": x[test], "test_y": y[test]}
 
 
-def batches(n: int, batch: int, gen: torch.Generator):
-    """Endless shuffled index batches (a new permutation per epoch)."""
-    while True:
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n - batch + 1, batch):
-            yield perm[start:start + batch]
-
-
 def deq_settings(args) -> DEQSettings:
     return DEQSettings(solver=args.deq_solver, backward=args.deq_backward, tol=args.deq_tol, max_iter=args.deq_max_iter,
                        norm=args.deq_norm)
 
 
-def memory_kind(device: torch.device) -> str:
-    return "cuda_max_memory_allocated" if device.type == "cuda" else "autograd_saved_bytes"
+class Curve(Callback):
+    """The training loss and solver steps of every step of :func:`deqsm.train.fit`."""
+
+    def __init__(self, loss_key: str) -> None:
+        self.loss_key, self.losses, self.nsteps = loss_key, [], []
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.losses.append(metrics[self.loss_key])
+        if "solver_nstep" in metrics:
+            self.nsteps.append(metrics["solver_nstep"])
 
 
-def solver_row(model: torch.nn.Module) -> dict:
-    deq = next((m for m in model.modules() if m.__class__.__name__ == "DEQ"), None)
-    if deq is None or deq.last_stats is None:
-        return {}
-    s = deq.last_stats
-    return {"solver_nstep": s.nstep, "solver_abs_residual_max": s.abs_residual_max, "solver_converged": s.converged}
+def train_settings(args, steps: int, batch: int, lr: float, device: torch.device) -> TrainSettings:
+    return TrainSettings(steps=steps, batch_size=batch, lr=lr, grad_clip=10.0, eval_every=steps, seed=args.seed,
+                         device=str(device), progress=False)
+
+
+def time_steps(models: dict[str, tuple], batch: Tensor, rounds: int, device: torch.device) -> dict[str, tuple[float, float]]:
+    """Median wall and CPU milliseconds of one loss-and-gradient step per model, measured round-robin after
+    training (so that load from other processes hits every model alike)."""
+    wall: dict[str, list[float]] = {k: [] for k in models}
+    cpu: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for key, (model, objective) in models.items():
+            model.train()
+            c0 = time.process_time()
+            _, mem = measure_step(lambda: objective(model, batch).loss, list(model.parameters()), device)
+            model.zero_grad(set_to_none=True)
+            cpu[key].append(time.process_time() - c0)
+            wall[key].append(mem.step_seconds)
+    return {k: (1000 * statistics.median(wall[k]), 1000 * statistics.median(cpu[k])) for k in models}
 
 
 # ---------------------------------------------------------------------------------------------------
 # VAE
 # ---------------------------------------------------------------------------------------------------
 def run_vae(args, data: dict[str, Tensor], device: torch.device, sink) -> dict[str, dict]:
-    train = (data["train_x"].flatten(1) > 0.5).float().to(device)  # binarised
-    test = (data["test_x"].flatten(1) > 0.5).float().to(device)
+    splits = {"train": (data["train_x"] > 0.5).float(), "test": (data["test_x"] > 0.5).float()}  # binarised
     results: dict[str, dict] = {}
     curves: dict[str, list[float]] = {}
-    trainers: dict[str, ImplicitVAETrainer] = {}
-    for variant in args.vae_variants:
-        torch.manual_seed(args.seed)
-        gen = torch.Generator().manual_seed(args.seed)
-        model = ImplicitVAE(train.shape[1], args.z_dim, width=args.vae_width, score_variant=variant,
-                            score_width=args.vae_width, deq=deq_settings(args)).to(device)
-        trainer = trainers[variant] = ImplicitVAETrainer(model, score_loss=args.vae_score_loss, lr=args.vae_lr,
-                                                         score_steps=args.score_steps)
-        rows = []
+    trained: dict[str, tuple] = {}
+    for label in args.vae_variants:
+        variant, depth = score_net(label)
+        spec = VariantSpec(name=f"vae/{label}", model="vae", variant=variant, depth=depth, width=args.vae_width,
+                           model_options={"z_dim": args.z_dim, "hidden_width": args.vae_width},
+                           loss={"name": args.vae_score_loss}, deq=deq_settings(args))
+        curve = Curve("train_score_loss")
         start = time.perf_counter()
-        for _, idx in zip(range(args.vae_steps), batches(train.shape[0], args.vae_batch, gen)):
-            rows.append(trainer.step(train[idx.to(device)]))
+        model, fit = train_model(spec, splits, train_settings(args, args.vae_steps, args.vae_batch, args.vae_lr, device),
+                                 [curve])
         train_s = time.perf_counter() - start
-        warm = rows[5:] or rows
-        curves[variant] = [r.score_loss for r in rows]
-        model.eval()
-        torch.manual_seed(args.seed + 1)
+        trained[label] = (model, make_objective(spec, splits["train"]))
+        curves[label] = curve.losses
         t0 = time.perf_counter()
-        est = estimate_elbo(model.encoder.sample, model.log_likelihood, model.log_prior, test,
-                            n_centres=args.elbo_centres, n_select=args.elbo_eval, n_eval=args.elbo_eval,
-                            iw_samples=args.iw_samples)
+        metrics, images = evaluate_variant(spec, model, splits, {
+            "elbo_centres": args.elbo_centres, "elbo_eval": args.elbo_eval, "iw_samples": args.iw_samples,
+            "memory_batch": args.vae_batch, "seed": args.seed})
         eval_s = time.perf_counter() - t0
-        grid = model.sample(64, torch.Generator(device=device).manual_seed(args.seed)).view(-1, 1, 8, 8)
-        png = args.out / f"vae_samples_{variant}.png"
-        save_image_grid(grid, png)
-        nsteps = [r.solver_nstep for r in warm if r.solver_nstep is not None]
+        png = save_image_grid(images, args.out / f"vae_samples_{label}.png")
         row = {
-            "experiment": "vae", "variant": variant, "score_loss": args.vae_score_loss, "steps": len(rows),
-            "score_steps_per_iteration": args.score_steps,
-            **est.summary("test_"),
-            "final_score_loss": statistics.fmean(r.score_loss for r in rows[-20:]),
-            "final_train_recon": statistics.fmean(r.recon for r in rows[-20:]),
-            "iteration_ms_during_training": 1000 * statistics.median(r.iteration_seconds for r in warm),
-            "score_step_peak_bytes": max(r.score_saved_bytes for r in warm),
-            "vae_step_peak_bytes": max(r.vae_saved_bytes for r in warm),
-            "memory_kind": "autograd_saved_bytes",
-            "score_net_params": count_parameters(model.score),
-            "solver_nstep_mean": statistics.fmean(nsteps) if nsteps else None,
-            "solver_abs_residual_last": warm[-1].solver_residual,
-            "train_seconds": train_s, "eval_seconds": eval_s, "samples_png": str(png),
-            "device": str(device),
+            "experiment": "vae", "variant": label, "score_net": f"{variant}" + (f"-{depth}" if variant == "explicit" else ""),
+            "score_loss": args.vae_score_loss, "steps": fit.steps, **metrics,
+            "final_score_loss": statistics.fmean(curve.losses[-20:]),
+            "step_ms_during_training": fit.step_ms_median, "peak_bytes": fit.peak_bytes, "memory_kind": fit.memory_kind,
+            "solver_nstep_mean": statistics.fmean(curve.nsteps) if curve.nsteps else None,
+            "train_seconds": train_s, "eval_seconds": eval_s, "samples_png": str(png), "device": str(device),
         }
-        results[variant] = row
+        results[label] = row
         emit(row, sink)
 
-    # Time per iteration, measured round-robin after training (wall and this process's CPU time).
-    batch = train[:args.vae_batch]
-    wall: dict[str, list[float]] = {v: [] for v in trainers}
-    cpu: dict[str, list[float]] = {v: [] for v in trainers}
-    for _ in range(args.timing_rounds):
-        for variant, trainer in trainers.items():
-            c0 = time.process_time()
-            wall[variant].append(trainer.step(batch).iteration_seconds)
-            cpu[variant].append(time.process_time() - c0)
-    for variant in trainers:
-        results[variant]["iteration_ms"] = 1000 * statistics.median(wall[variant])
-        results[variant]["iteration_cpu_ms"] = 1000 * statistics.median(cpu[variant])
+    timing = time_steps(trained, splits["train"][:args.vae_batch].to(device), args.timing_rounds, device)
+    for label, (wall_ms, cpu_ms) in timing.items():
+        results[label]["iteration_ms"], results[label]["iteration_cpu_ms"] = wall_ms, cpu_ms
     emit({"experiment": "vae_timing", "rounds": args.timing_rounds, "threads": torch.get_num_threads(),
-          **{f"{v}_iteration_ms": results[v]["iteration_ms"] for v in trainers},
-          **{f"{v}_iteration_cpu_ms": results[v]["iteration_cpu_ms"] for v in trainers}}, sink)
+          **{f"{v}_iteration_ms": results[v]["iteration_ms"] for v in trained},
+          **{f"{v}_iteration_cpu_ms": results[v]["iteration_cpu_ms"] for v in trained}}, sink)
     plot_curves({f"score net {k}": v for k, v in curves.items()}, args.out / "vae_score_loss_curves.png",
                 f"VAE score-network loss ({args.vae_score_loss})", sink)
     return results
@@ -230,106 +235,74 @@ def run_vae(args, data: dict[str, Tensor], device: torch.device, sink) -> dict[s
 # NCSN
 # ---------------------------------------------------------------------------------------------------
 def run_ncsn(args, data: dict[str, Tensor], device: torch.device, sink) -> tuple[dict[str, dict], dict]:
-    train = data["train_x"].to(device)
-    test = data["test_x"].to(device)
-    sigmas = geometric_sigmas(args.sigma_max, args.sigma_min, args.sigma_levels)
-
-    t0 = time.perf_counter()
-    classifier = None
-    if args.fd_extractor != "inception":
-        classifier = train_digits_cnn(data["train_x"], data["train_y"], seed=args.seed, epochs=args.classifier_epochs)
-    fd = build_frechet_metric(args.fd_extractor, inception_weights=args.inception_weights, classifier=classifier)
-    gen = torch.Generator().manual_seed(args.seed + 7)
-    n_ref = min(args.samples, train.shape[0])
-    train_ref = train[torch.randperm(train.shape[0], generator=gen)[:n_ref]]
-    noise_ref = torch.rand(args.samples, 1, 8, 8, generator=gen)
-    reference = {
-        "experiment": "fd_reference", "metric": fd.name, "note": fd.note,
-        "classifier_test_accuracy": classifier_accuracy(classifier, data["test_x"], data["test_y"]) if classifier else None,
-        f"{fd.name}_train_vs_test": frechet_distance(fd, test.cpu(), train_ref.cpu()),
-        f"{fd.name}_uniform_noise_vs_test": frechet_distance(fd, test.cpu(), noise_ref),
-        "n_real": test.shape[0], "n_fake": args.samples, "seconds": time.perf_counter() - t0,
-    }
-    emit(reference, sink)
-
+    splits = {"train": data["train_x"], "test": data["test_x"]}
+    labels = {"train": data["train_y"], "test": data["test_y"]}
+    eval_options = {"fd_samples": args.samples, "langevin_steps": args.langevin_steps,
+                    "langevin_lr": args.langevin_lr, "classifier_epochs": args.classifier_epochs,
+                    "fd_extractor": args.fd_extractor, "inception_weights": args.inception_weights, "seed": args.seed}
     results: dict[str, dict] = {}
     curves: dict[str, list[float]] = {}
-    steppers: dict[str, tuple] = {}
+    trained: dict[str, tuple] = {}
     for loss_name in args.ncsn_losses:
         for variant in args.ncsn_variants:
-            torch.manual_seed(args.seed)
-            gen = torch.Generator().manual_seed(args.seed)
-            model = NCSN(1, args.ncsn_channels, variant=variant, depth=args.ncsn_depth, deq=deq_settings(args)).to(device)
-            loss_fn = annealed_score_loss(loss_name, sigmas)
-            opt = torch.optim.Adam(model.parameters(), lr=args.ncsn_lr)
-            params = list(model.parameters())
-            losses, times, peaks, nsteps = [], [], [], []
+            spec = VariantSpec(name=f"ncsn/{variant}-{loss_name}", model="ncsn", variant=variant, depth=args.ncsn_depth,
+                               width=args.ncsn_channels, loss={"name": loss_name}, deq=deq_settings(args),
+                               model_options={"sigma_max": args.sigma_max, "sigma_min": args.sigma_min,
+                                              "sigma_levels": args.sigma_levels})
+            curve = Curve("train_loss")
             start = time.perf_counter()
-            for step, idx in zip(range(args.ncsn_steps), batches(train.shape[0], args.ncsn_batch, gen)):
-                x = train[idx.to(device)]
-                opt.zero_grad(set_to_none=True)
-                loss, mem = measure_step(lambda: loss_fn(model, x).loss, params, device)
-                if not bool(torch.isfinite(loss)):
-                    raise FloatingPointError(f"NCSN {variant}/{loss_name}: non-finite loss at step {step + 1}")
-                torch.nn.utils.clip_grad_norm_(params, 10.0)
-                opt.step()
-                losses.append(float(loss))
-                if step >= 5:
-                    times.append(mem.step_seconds)
-                    peaks.append(mem.peak_bytes)
-                stats = solver_row(model)
-                if stats:
-                    nsteps.append(stats["solver_nstep"])
+            model, fit = train_model(spec, splits, train_settings(args, args.ncsn_steps, args.ncsn_batch, args.ncsn_lr,
+                                                                  device), [curve])
             train_s = time.perf_counter() - start
-            model.eval()
-            t1 = time.perf_counter()
-            sgen = torch.Generator(device=device).manual_seed(args.seed + 11)
-            x0 = torch.rand(args.samples, 1, 8, 8, generator=sgen, device=device)
-            samples, _ = annealed_langevin(model, x0, sigmas, step_lr=args.langevin_lr,
-                                           steps_per_level=args.langevin_steps, clamp=(0.0, 1.0), generator=sgen)
-            sample_s = time.perf_counter() - t1
             key = f"{variant}-{loss_name}"
-            steppers[key] = (model, loss_fn, opt, params)
-            png = args.out / f"ncsn_samples_{variant}_{loss_name}.png"
-            save_image_grid(samples[:64], png)
-            curves[key] = losses
+            trained[key] = (model, make_objective(spec, splits["train"]))
+            curves[key] = curve.losses
+            t1 = time.perf_counter()
+            metrics, images = evaluate_variant(spec, model, splits, eval_options, labels=labels)
+            sample_s = time.perf_counter() - t1
+            png = save_image_grid(images, args.out / f"ncsn_samples_{variant}_{loss_name}.png")
             row = {
-                "experiment": "ncsn", "variant": variant, "loss": loss_name, "steps": len(losses),
-                fd.name: frechet_distance(fd, test.cpu(), samples.cpu()),
-                "final_train_loss": statistics.fmean(losses[-20:]),
-                "step_ms_during_training": 1000 * statistics.median(times) if times else None,
-                "peak_bytes": max(peaks) if peaks else None, "memory_kind": memory_kind(device),
-                "params": count_parameters(model),
-                "solver_nstep_mean": statistics.fmean(nsteps) if nsteps else None,
+                "experiment": "ncsn", "variant": variant, "loss": loss_name, "steps": fit.steps, **metrics,
+                "final_train_loss": statistics.fmean(curve.losses[-20:]),
+                "step_ms_during_training": fit.step_ms_median, "peak_bytes": fit.peak_bytes,
+                "memory_kind": fit.memory_kind,
+                "solver_nstep_mean": statistics.fmean(curve.nsteps) if curve.nsteps else None,
                 "train_seconds": train_s, "sampling_seconds": sample_s,
-                "langevin": {"levels": len(sigmas), "sigma_max": sigmas[0], "sigma_min": sigmas[-1],
+                "langevin": {"levels": args.sigma_levels, "sigma_max": args.sigma_max, "sigma_min": args.sigma_min,
                              "steps_per_level": args.langevin_steps, "step_lr": args.langevin_lr},
                 "samples_png": str(png), "device": str(device),
             }
             results[key] = row
             emit(row, sink)
+    reference = fd_reference(args, data, results)
+    emit(reference, sink)
 
-    batch = train[:args.ncsn_batch]
-    wall: dict[str, list[float]] = {k: [] for k in steppers}
-    cpu: dict[str, list[float]] = {k: [] for k in steppers}
-    for _ in range(args.timing_rounds):
-        for key, (model, loss_fn, opt, params) in steppers.items():
-            model.train()
-            opt.zero_grad(set_to_none=True)
-            c0 = time.process_time()
-            _, mem = measure_step(lambda: loss_fn(model, batch).loss, params, device)
-            opt.step()
-            cpu[key].append(time.process_time() - c0)
-            wall[key].append(mem.step_seconds)
-    for key in steppers:
-        results[key]["step_ms"] = 1000 * statistics.median(wall[key])
-        results[key]["step_cpu_ms"] = 1000 * statistics.median(cpu[key])
+    timing = time_steps(trained, splits["train"][:args.ncsn_batch].to(device), args.timing_rounds, device)
+    for key, (wall_ms, cpu_ms) in timing.items():
+        results[key]["step_ms"], results[key]["step_cpu_ms"] = wall_ms, cpu_ms
     emit({"experiment": "ncsn_timing", "rounds": args.timing_rounds, "threads": torch.get_num_threads(),
-          **{f"{k}_step_ms": results[k]["step_ms"] for k in steppers},
-          **{f"{k}_step_cpu_ms": results[k]["step_cpu_ms"] for k in steppers}}, sink)
+          **{f"{k}_step_ms": results[k]["step_ms"] for k in trained},
+          **{f"{k}_step_cpu_ms": results[k]["step_cpu_ms"] for k in trained}}, sink)
     plot_curves(curves, args.out / "ncsn_loss_curves.png", "NCSN training loss (annealed, σ²-weighted)", sink,
                 group_by_suffix=True)
     return results, reference
+
+
+def fd_reference(args, data: dict[str, Tensor], results: dict[str, dict]) -> dict:
+    """The Fréchet distances that put the models' in scale: training vs test images (a floor for the sample
+    size, from the evaluation) and uniform noise vs test images, in the same features."""
+    first = next(iter(results.values()))
+    metric = next(k for k in first if k.endswith("_train_vs_test"))[:-len("_train_vs_test")]
+    classifier = None
+    if metric == "fd_digits_cnn":
+        classifier = fd_feature_classifier(data["train_x"], data["train_y"], args.seed, args.classifier_epochs)
+    fd = build_frechet_metric(args.fd_extractor, inception_weights=args.inception_weights, classifier=classifier)
+    noise = torch.rand(args.samples, *data["test_x"].shape[1:], generator=torch.Generator().manual_seed(args.seed + 7))
+    return {"experiment": "fd_reference", "metric": metric, "note": fd.note,
+            "classifier_test_accuracy": first.get("fd_classifier_test_accuracy"),
+            f"{metric}_train_vs_test": first[f"{metric}_train_vs_test"],
+            f"{metric}_uniform_noise_vs_test": frechet_distance(fd, data["test_x"], noise),
+            "n_real": data["test_x"].shape[0], "n_fake": args.samples}
 
 
 def plot_curves(curves: dict[str, list[float]], path: Path, title: str, sink, group_by_suffix: bool = False) -> None:

@@ -78,7 +78,7 @@ class SolverStats:
         }
 
 
-class _Tracker:
+class _ResidualBook:
     """Shared residual bookkeeping: per-sample residuals, traces, stop test, best iterate."""
 
     def __init__(self, method: str, tol: float, stop_mode: str, keep_best: bool) -> None:
@@ -146,7 +146,7 @@ def picard(
     """Plain fixed-point iteration z ← (1 − β) z + β f(z), β = ``damping`` (the paper's solver)."""
     if not 0.0 < damping <= 1.0:
         raise ValueError(f"picard damping must be in (0, 1], got {damping}")
-    tr = _Tracker("picard", tol, stop_mode, keep_best=False)
+    tr = _ResidualBook("picard", tol, stop_mode, keep_best=False)
     z = z0
     converged = False
     for _ in range(max_iter):
@@ -181,7 +181,7 @@ def anderson(
     """
     if memory < 1:
         raise ValueError(f"anderson memory must be >= 1, got {memory}")
-    tr = _Tracker("anderson", tol, stop_mode, keep_best=False)
+    tr = _ResidualBook("anderson", tol, stop_mode, keep_best=False)
     shape = z0.shape
     bsz = shape[0]
     xs: list[Tensor] = []  # flattened iterates, (B, d)
@@ -241,7 +241,7 @@ def broyden(
     """
     if memory < 1:
         raise ValueError(f"broyden memory must be >= 1, got {memory}")
-    tr = _Tracker("broyden", tol, stop_mode, keep_best=True)
+    tr = _ResidualBook("broyden", tol, stop_mode, keep_best=True)
     shape = z0.shape
     bsz = shape[0]
     us: list[Tensor] = []

@@ -114,6 +114,6 @@ def test_bad_data_and_losses_fail_naming_the_problem():
         build(spec("vae", loss="dsm"), images(binary=True)["train"])
     with pytest.raises(ValueError, match="unknown model_options"):
         spec("ncsn", model_options={"sigma_lvls": 3})
-    with pytest.raises(ValueError, match="depth applies to explicit score nets"):
-        from deqsm.models.vae import LatentScoreNet
-        LatentScoreNet(4, 2, variant="deq", depth=3)
+    with pytest.raises(ValueError, match="unknown network variant 'aug8'; known: deq, explicit"):
+        from deqsm.models.vae import LatentScoreNet  # the paper's Aug-8 is explicit with depth 8
+        LatentScoreNet(4, 2, variant="aug8")

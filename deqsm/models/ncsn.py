@@ -182,7 +182,7 @@ def ncsn_objective(loss: str, options: dict[str, Any], train: Tensor):
 _CLASSIFIERS: dict[str, nn.Module] = {}
 
 
-def _feature_classifier(images: Tensor, labels: Tensor, seed: int, epochs: int) -> nn.Module:
+def fd_feature_classifier(images: Tensor, labels: Tensor, seed: int, epochs: int) -> nn.Module:
     """The digits CNN behind ``fd_digits_cnn``, trained once per (training images, labels, seed, epochs) in
     this process: every variant of an experiment is measured in the same feature space, and it is not
     retrained for each one."""
@@ -230,7 +230,7 @@ def evaluate_ncsn(model: NCSN, splits: dict[str, Tensor], opts: "NCSNEvalOptions
         if labels is None or labels.get("train") is None:
             raise ValueError("FD with the digits CNN needs the training split's labels; this dataset has none "
                              "(give eval_options.inception_weights, or use a labelled image dataset)")
-        classifier = _feature_classifier(unit(train), labels["train"], opts.seed, opts.classifier_epochs)
+        classifier = fd_feature_classifier(unit(train), labels["train"], opts.seed, opts.classifier_epochs)
         if labels.get("test") is not None:
             out["fd_classifier_test_accuracy"] = classifier_accuracy(classifier, unit(test), labels["test"])
     fd = build_frechet_metric(opts.fd_extractor, inception_weights=opts.inception_weights, classifier=classifier)

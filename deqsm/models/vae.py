@@ -1,25 +1,30 @@
 """A VAE with an implicit encoder whose entropy gradient comes from a learned score (the paper's §4.1,
-after Song et al. 2020, "Sliced score matching", §5.2).
+after Song et al. 2020, "Sliced score matching", §5.2), and its model family (``model: vae``).
 
 - Encoder q_φ(z|x), implicit: z = g_φ([x, ε]), ε ~ N(0, I); samples are cheap, the density is unknown.
 - Decoder p_θ(x|z): independent Bernoulli pixels (binarised images), logits from an MLP; prior N(0, I).
-- Score network s_ψ(x, z) ≈ ∇_z log q_φ(z|x), trained by a score-matching loss (``ssm`` / ``ssm_vr``) in z
-  on the encoder's samples, in alternation with the VAE.
+- Score network s_ψ(x, z) ≈ ∇_z log q_φ(z|x), trained by a score-matching loss (``sm`` / ``ssm`` /
+  ``ssm_vr``) in z on the encoder's samples.
 
 The VAE maximises ELBO(x) = E_q[log p_θ(x|z) + log p(z)] + H[q_φ(·|x)]. With the reparameterisation
 z = g_φ(x, ε), ∇_φ H = −E_ε[(∇_z log q_φ(z|x))ᵀ ∂z/∂φ] (the term E_q[∇_φ log q_φ] is zero), so the
 entropy's gradient is that of the surrogate −sg[s_ψ(x, z)]ᵀ z (sg: stop-gradient).
 
-Score-network variants (``SCORE_NETS``, the paper's Table 1): ``explicit`` (the original score net:
-2 hidden Softplus layers), ``aug8`` / ``aug16`` (8 / 16 hidden layers), ``deq`` (one weight-tied layer at
-its fixed point, :class:`deqsm.models.blocks.DEQMLP`). The honest evaluation of the ELBO (the entropy of
-the implicit q estimated per x) is :func:`deqsm.metrics.elbo.estimate_elbo`.
+Training (:func:`vae_objective`, run by :func:`deqsm.train.fit` like every model): one step minimises
+score_loss + vae_loss with one optimiser. Their stop-gradients keep them apart: the score network's loss
+sees the encoder's samples without gradient, and the VAE's surrogate sees s(x, z) without gradient, so each
+parameter gets only its own loss's gradient. In evaluation mode the objective's loss is −ELBO (a small
+kernel-density estimate on the batch), so validation, early stopping and tuning watch the ELBO.
+
+The experiment's variant is the score network (:class:`LatentScoreNet`): ``explicit`` with ``depth`` hidden
+layers (2: the paper's score net; 8 / 16: its Aug-8 / Aug-16) or ``deq``; ``width`` is its width and
+``model_options`` size the encoder and decoder. Evaluation (:func:`evaluate_vae`): the test ELBO with the
+implicit q's entropy estimated per x (:func:`deqsm.metrics.elbo.estimate_elbo`), the memory of one
+score-network step (the paper's Table 1), and samples.
 """
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -33,7 +38,6 @@ from deqsm.metrics.elbo import estimate_elbo
 from deqsm.metrics.memory import measure_step
 from deqsm.models.blocks import count_parameters, make_net
 from deqsm.models.family import EvalOptions, Headline, ModelFamily
-from deqsm.registry import Registry
 
 Tensor = torch.Tensor
 LOG_2PI = math.log(2 * math.pi)
@@ -117,34 +121,17 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------
 # Score networks s(x, z) ≈ ∇_z log q(z|x)
 # ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ScoreNetSpec:
-    """A score-network variant: the network kind of :func:`deqsm.models.blocks.make_net` and its depth."""
-
-    kind: str  # "explicit" or "deq"
-    depth: int  # hidden layers (explicit); ignored by deq
-
-
-SCORE_NETS: Registry[ScoreNetSpec] = Registry("VAE score-network variant")
-SCORE_NETS.register("explicit")(ScoreNetSpec("explicit", 2))
-SCORE_NETS.register("aug8")(ScoreNetSpec("explicit", 8))
-SCORE_NETS.register("aug16")(ScoreNetSpec("explicit", 16))
-SCORE_NETS.register("deq")(ScoreNetSpec("deq", 1))
-
-
 class LatentScoreNet(nn.Module):
-    """s_ψ(x, z): an MLP on [x, z] with a ``z_dim`` output (variant from :data:`SCORE_NETS`; ``depth``
-    overrides an explicit variant's hidden layers)."""
+    """s_ψ(x, z): an MLP on [x, z] with a ``z_dim`` output, of the network ``variant``
+    (:data:`deqsm.models.blocks.VARIANTS`): ``explicit`` with ``depth`` hidden layers (the paper's score net
+    has 2, its Aug-8 / Aug-16 baselines 8 / 16) or ``deq`` (one weight-tied layer; ``depth`` ignored)."""
 
     def __init__(self, x_dim: int, z_dim: int, *, variant: str = "deq", width: int = 256,
-                 deq: DEQSettings | None = None, depth: int | None = None) -> None:
+                 deq: DEQSettings | None = None, depth: int = 2) -> None:
         super().__init__()
-        spec = SCORE_NETS.get(variant)
-        if depth is not None and spec.kind != "explicit":
-            raise ValueError(f"depth applies to explicit score nets; {variant!r} is a {spec.kind} net")
         self.variant = variant
         self.x_dim, self.z_dim = x_dim, z_dim
-        self.net = make_net(spec.kind, x_dim + z_dim, width, z_dim, depth=depth or spec.depth, deq=deq or DEQSettings())
+        self.net = make_net(variant, x_dim + z_dim, width, z_dim, depth=depth, deq=deq or DEQSettings())
         # He (fan-in) initialisation of every Linear, as in the encoder / decoder: with PyTorch's default,
         # a 16-layer Softplus stack starts with a constant output and zero input-Jacobian, where the SSM
         # gradient vanishes and aug16 never learns. (The DEQ's weight-tied matrix is normalised, so its
@@ -171,12 +158,17 @@ class ImplicitVAE(nn.Module):
         width, depth: hidden width and layers of encoder and decoder.
         score_variant, score_width, score_depth, deq: the score network (:class:`LatentScoreNet`).
         eps_dim: noise fed to the encoder (default z_dim).
+        val_elbo_samples: encoder samples per x of the evaluation-mode objective's ELBO estimate (KDE centres;
+            its bandwidth choice and estimate take half as many each).
     """
 
     def __init__(self, x_dim: int, z_dim: int = 8, *, width: int = 256, depth: int = 2, score_variant: str = "deq",
                  score_width: int = 256, deq: DEQSettings | None = None, eps_dim: int | None = None,
-                 score_depth: int | None = None) -> None:
+                 score_depth: int = 2, val_elbo_samples: int = 32) -> None:
         super().__init__()
+        if val_elbo_samples < 4:
+            raise ValueError(f"val_elbo_samples must be >= 4, got {val_elbo_samples}")
+        self.val_elbo_samples = val_elbo_samples
         self.x_dim, self.z_dim = x_dim, z_dim
         self.encoder = ImplicitEncoder(x_dim, z_dim, eps_dim=eps_dim, width=width, depth=depth)
         self.decoder = BernoulliDecoder(z_dim, x_dim, width=width, depth=depth)
@@ -229,96 +221,7 @@ class ImplicitVAE(nn.Module):
         return torch.sigmoid(self.decoder.logits(z))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Alternating training
-# ---------------------------------------------------------------------------------------------------
-@dataclass
-class VAEStepMetrics:
-    """What one alternating iteration did and cost."""
-
-    score_loss: float
-    vae_loss: float
-    recon: float
-    iteration_seconds: float  # score step(s) + VAE step, optimiser updates included
-    score_saved_bytes: int  # autograd_saved_bytes of the (last) score-network step
-    vae_saved_bytes: int  # autograd_saved_bytes of the VAE step
-    solver_nstep: float | None  # DEQ score net: forward solver iterations of the last score step
-    solver_residual: float | None
-
-    def as_dict(self) -> dict[str, float | int | None]:
-        return dict(self.__dict__)
-
-
 VAE_SCORE_LOSSES = ("sm", "ssm", "ssm_vr")  # losses of deqsm.losses that train s(x, z) from samples alone
-
-
-class ImplicitVAETrainer:
-    """Alternates ``score_steps`` score-network updates (loss ``score_loss`` on encoder samples) with one
-    VAE update, each with its own Adam optimiser. :meth:`step` runs one iteration on a batch."""
-
-    def __init__(self, model: ImplicitVAE, *, score_loss: str = "ssm_vr", score_loss_options: dict | None = None,
-                 lr: float = 1e-3, score_lr: float | None = None, score_steps: int = 1, grad_clip: float | None = 10.0,
-                 generator: torch.Generator | None = None) -> None:
-        if score_loss not in VAE_SCORE_LOSSES:
-            raise ValueError(f"unknown VAE score loss {score_loss!r}; known: {', '.join(VAE_SCORE_LOSSES)}")
-        if score_steps < 1:
-            raise ValueError(f"score_steps must be >= 1, got {score_steps}")
-        options = dict(score_loss_options or {})
-        if generator is not None and score_loss != "sm":
-            options.setdefault("generator", generator)
-        self.model = model
-        self.loss_fn = get_score_loss(score_loss, **options)
-        self.score_steps = score_steps
-        self.grad_clip = grad_clip
-        self.generator = generator
-        self.vae_opt = torch.optim.Adam(model.vae_parameters(), lr=lr)
-        self.score_opt = torch.optim.Adam(model.score.parameters(), lr=score_lr or lr)
-
-    def _clip(self, params: list[Tensor]) -> None:
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-
-    def step(self, x: Tensor) -> VAEStepMetrics:
-        model = self.model
-        model.train()
-        start = time.perf_counter()
-        score_params = list(model.score.parameters())
-        for _ in range(self.score_steps):
-            self.score_opt.zero_grad(set_to_none=True)
-            holder: dict[str, LossOutput] = {}
-
-            def score_closure() -> Tensor:
-                holder["out"] = model.score_objective(x, self.loss_fn, self.generator)
-                return holder["out"].loss
-
-            score_loss, score_mem = measure_step(score_closure, score_params, x.device)
-            if not bool(torch.isfinite(score_loss)):
-                raise FloatingPointError(f"non-finite score-network loss {float(score_loss)}")
-            self._clip(score_params)
-            self.score_opt.step()
-        deq = getattr(model.score.net, "deq", None)
-        stats = deq.last_stats if deq is not None else None  # the score step's solve, not the VAE step's
-        vae_params = model.vae_parameters()
-        self.vae_opt.zero_grad(set_to_none=True)
-        vae_holder: dict[str, LossOutput] = {}
-
-        def vae_closure() -> Tensor:
-            vae_holder["out"] = model.vae_objective(x, self.generator)
-            return vae_holder["out"].loss
-
-        vae_loss, vae_mem = measure_step(vae_closure, vae_params + score_params, x.device)
-        if not bool(torch.isfinite(vae_loss)):
-            raise FloatingPointError(f"non-finite VAE loss {float(vae_loss)}")
-        self._clip(vae_params)
-        self.vae_opt.step()
-        elapsed = time.perf_counter() - start
-        return VAEStepMetrics(
-            score_loss=float(score_loss), vae_loss=float(vae_loss),
-            recon=float(vae_holder["out"].terms["recon"]), iteration_seconds=elapsed,
-            score_saved_bytes=score_mem.autograd_saved_bytes, vae_saved_bytes=vae_mem.autograd_saved_bytes,
-            solver_nstep=float(stats.nstep) if stats is not None else None,
-            solver_residual=float(stats.abs_residual_max) if stats is not None else None,
-        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,16 +243,13 @@ def build_vae(dim: int, *, variant: str, width: int, depth: int, deq: DEQSetting
 
     ``val_elbo_samples``: encoder samples per x of the validation ELBO estimate (KDE centres; its bandwidth
     choice and estimate take half as many each)."""
-    if val_elbo_samples < 4:
-        raise ValueError(f"val_elbo_samples must be >= 4, got {val_elbo_samples}")
     values = torch.unique(train)
     if not bool(((values == 0) | (values == 1)).all()):
         raise ValueError("the VAE's Bernoulli decoder needs binarised data (0/1 pixels): prepare the dataset "
                          "with binarize: threshold or bernoulli")
     model = ImplicitVAE(dim, z_dim, width=hidden_width, depth=hidden_depth, score_variant=variant,
                         score_width=width, deq=deq, eps_dim=eps_dim,
-                        score_depth=depth if variant == "explicit" else None)
-    model.val_elbo_samples = val_elbo_samples
+                        score_depth=depth, val_elbo_samples=val_elbo_samples)
     return model
 
 
