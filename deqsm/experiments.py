@@ -11,10 +11,10 @@ No ray / mlflow / dvc here: progress goes to ``deqsm.train`` callbacks.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 from torch import nn
 
 from deqsm.config import DEQSettings, LossSettings
@@ -28,28 +28,28 @@ Tensor = torch.Tensor
 SPLITS = ("train", "val", "test")
 
 
+# The fields a variant's spec shares with params.yaml's experiment sections (pipelines.settings), defined once.
+ModelName = Annotated[str, AfterValidator(lambda v: known_name(v, MODELS)),
+                      Field(description="model family (deqsm.models.MODELS): dkef | nice | energy_mlp | vae | ncsn")]
+VariantName = Annotated[str, AfterValidator(lambda v: known_name(v, VARIANTS)),
+                        Field(description="network variant (deqsm.models.blocks.VARIANTS): deq | explicit")]
+Depth = Annotated[int, Field(ge=1, description="hidden layers of an explicit net (ignored by deq)")]
+Width = Annotated[int, Field(ge=1, description="hidden width (DKEF feature net, NICE coupling nets, score net; "
+                                               "NCSN channels)")]
+
+
 class VariantSpec(Strict):
     """One trainable variant (a row of a results table): its model family, network variant, loss and DEQ
     settings (unknown keys rejected)."""
 
     name: str
-    model: str = Field(description="MODELS registry name: dkef | nice | energy_mlp | vae | ncsn")
-    variant: str = Field(description="network variant (deqsm.models.blocks.VARIANTS): deq | explicit")
-    depth: int = Field(2, ge=1, description="hidden layers of an explicit net (ignored by deq)")
-    width: int = Field(64, ge=1, description="hidden width (DKEF feature net, NICE coupling nets, energy MLP)")
+    model: ModelName
+    variant: VariantName
+    depth: Depth = 2
+    width: Width = 64
     model_options: dict[str, Any] = Field(default_factory=dict, description="model-specific knobs, checked by name")
     loss: LossSettings
     deq: DEQSettings = Field(default_factory=DEQSettings)
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        return known_name(v, MODELS)
-
-    @field_validator("variant")
-    @classmethod
-    def _variant(cls, v: str) -> str:
-        return known_name(v, VARIANTS)
 
     @model_validator(mode="after")
     def _consistent(self) -> "VariantSpec":

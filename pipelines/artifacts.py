@@ -31,6 +31,10 @@ from pipelines.settings import Settings
 MODEL_SUFFIX = ".pt"
 
 
+def _in_report_dir(name: str) -> property:
+    return property(lambda self: self.report_dir / name, doc=f"``<report_dir>/{name}``")
+
+
 @dataclass(frozen=True)
 class Artifacts:
     """The pipeline's paths for one project: params.yaml's folders resolved against ``root``."""
@@ -95,22 +99,11 @@ class Artifacts:
     def memory_bench(self) -> Path:
         return self.results / "benchmarks" / "memory_depth.jsonl"
 
-    # --- report
-    @property
-    def report(self) -> Path:
-        return self.report_dir / "REPORT.md"
-
-    @property
-    def tables(self) -> Path:
-        return self.report_dir / "tables"
-
-    @property
-    def figures(self) -> Path:
-        return self.report_dir / "figures"
-
-    @property
-    def plots(self) -> Path:
-        return self.report_dir / "plots"
+    # --- report: its own files, under report_dir
+    report = _in_report_dir("REPORT.md")
+    tables = _in_report_dir("tables")
+    figures = _in_report_dir("figures")
+    plots = _in_report_dir("plots")
 
     def rel_to_root(self, path: Path) -> str:
         """``path`` relative to the project (what outputs record, so they do not depend on the checkout's place)."""
@@ -128,6 +121,11 @@ def write_atomic(path: Path, text: str) -> Path:
     tmp.write_text(text)
     tmp.replace(path)
     return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """``data`` as indented JSON with sorted keys (a stage output that is the same for the same inputs)."""
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def memory_bench_rows(lines: list[str], where: str) -> list[dict]:

@@ -6,22 +6,13 @@ sample grid, ``<results>/experiments/<experiment>/samples/<variant>.png``, logge
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 
 import torch
 
-from pipelines.artifacts import Artifacts, load_model, load_splits, write_atomic
-from pipelines.settings import Settings, load_experiment_stage, main_guard
+from pipelines.artifacts import Artifacts, load_model, load_splits, write_json
+from pipelines.settings import Settings, main_guard, run_experiment_stage
 from pipelines.trials import experiment_eval_options
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--experiment", required=True)
-    return p.parse_args(argv)
 
 
 def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
@@ -59,13 +50,12 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
                                                      for k, v in metrics.items() if isinstance(v, (int, float))})
         print(f"{name}/{variant}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                                                 if isinstance(v, float) and k.startswith("test")), flush=True)
-    write_atomic(artifacts.metrics(name), json.dumps(results, indent=2, sort_keys=True))
+    write_json(artifacts.metrics(name), results)
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    evaluate_experiment(load_experiment_stage(args.params, args.experiment), args.experiment)
+    run_experiment_stage(evaluate_experiment, "pipelines.evaluate", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -9,25 +9,15 @@ DEQ variant), which the report turns into a table and a figure.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import torch
 
-from pipelines.artifacts import Artifacts, load_model, load_splits, write_atomic
-from pipelines.settings import Settings, load_experiment_stage, main_guard
+from pipelines.artifacts import Artifacts, load_model, load_splits, write_json
+from pipelines.settings import Settings, main_guard, run_experiment_stage
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipelines.fidelity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--experiment", required=True, help="the experiment of params.yaml whose DEQs are measured")
-    return p.parse_args(argv)
-
-
-def fidelity_experiment(settings: Settings, name: str) -> dict[str, dict]:
+def fidelity_experiment(settings: Settings, name: str) -> None:
     """Per DEQ variant with a trained model: phantom-K vs exact gradients; written to the stage's output."""
     from deqsm.experiments import make_objective
     from deqsm.fidelity import gradient_fidelity
@@ -59,13 +49,11 @@ def fidelity_experiment(settings: Settings, name: str) -> dict[str, dict]:
         }
         print(f"{name}/{variant}: " + ", ".join(f"K={int(r['k'])} cos={r['grad_cosine']:.4f}" for r in results),
               flush=True)
-    write_atomic(artifacts.fidelity(name), json.dumps(out, indent=2, sort_keys=True))
-    return out
+    write_json(artifacts.fidelity(name), out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    fidelity_experiment(load_experiment_stage(args.params, args.experiment), args.experiment)
+    run_experiment_stage(fidelity_experiment, "pipelines.fidelity", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -5,18 +5,19 @@ the value and what is allowed. Each DVC stage reads only its sections (and dvc.y
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
 
 from deqsm.config import DEQSettings, LossSettings
-from deqsm.schema import Strict, describe_errors, known_name
+from deqsm.schema import Strict, describe_errors
 from deqsm.data.settings import DataSettings
+from deqsm.experiments import Depth, ModelName, VariantName, Width
 from deqsm.models import MODELS
-from deqsm.models.blocks import VARIANTS
 from deqsm.train import TrainSettings
 from pipelines import ParamsError, read_params_file
 
@@ -53,31 +54,21 @@ class BaseSettings(Strict):
 class VariantSettings(Strict):
     """One model variant of an experiment (a row of the paper's tables)."""
 
-    variant: str = Field(description="network variant: deq | explicit (deqsm.models.blocks.VARIANTS)")
-    depth: int = Field(2, ge=1)
-    width: int | None = Field(None, ge=1, description="overrides the experiment's width")
-
-    @field_validator("variant")
-    @classmethod
-    def _variant(cls, v: str) -> str:
-        return known_name(v, VARIANTS)
+    variant: VariantName
+    depth: Depth = 2
+    width: Width | None = Field(None, description="overrides the experiment's width")
 
 
 class ExperimentSettings(Strict):
     """One experiment: a dataset, a model family, a loss, and the variants compared."""
 
     dataset: str
-    model: str
-    width: int = Field(64, ge=1)
+    model: ModelName
+    width: Width = 64
     model_options: dict[str, Any] = Field(default_factory=dict)
     loss: LossSettings = Field(default_factory=LossSettings)
     variants: dict[str, VariantSettings]
     eval_options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        return known_name(v, MODELS)
 
     @field_validator("variants")
     @classmethod
@@ -284,6 +275,18 @@ def load_experiment_stage(params: str | Path, experiment: str) -> Settings:
     if experiment not in settings.experiments:
         raise ParamsError(f"unknown experiment {experiment!r}; in params.yaml: {', '.join(settings.experiments)}")
     return settings
+
+
+def run_experiment_stage(stage: Callable[[Settings, str], Any], module: str, doc: str | None,
+                         argv: list[str] | None = None) -> None:
+    """The command line of a per-experiment stage (``python -m <module> --params P --experiment E``):
+    ``stage(settings, experiment)`` with validated settings, threads applied."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--experiment", required=True, help="the experiment of params.yaml to run this stage for")
+    args = p.parse_args(argv)
+    stage(load_experiment_stage(args.params, args.experiment), args.experiment)
 
 
 def main_guard(fn) -> None:

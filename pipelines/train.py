@@ -4,22 +4,14 @@
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import time
 from pathlib import Path
 
 from pipelines.artifacts import Artifacts, load_splits, save_model
-from pipelines.settings import Settings, load_experiment_stage, main_guard
+from pipelines.settings import Settings, main_guard, run_experiment_stage
 from pipelines.trials import flatten
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--experiment", required=True, help="the experiment of params.yaml to train")
-    return p.parse_args(argv)
 
 
 class CurveLogger:
@@ -97,8 +89,7 @@ def train_experiment(settings: Settings, name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    train_experiment(load_experiment_stage(args.params, args.experiment), args.experiment)
+    run_experiment_stage(train_experiment, "pipelines.train", __doc__, argv)
 
 
 if __name__ == "__main__":

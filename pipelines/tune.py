@@ -8,11 +8,10 @@ only when an experiment has no finished trial at all.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-from pipelines.artifacts import Artifacts, load_splits, write_atomic
+from pipelines.artifacts import Artifacts, load_splits, write_json
 from pipelines.settings import ParamsError, Settings, load_params, main_guard
 from pipelines.trials import trial_config
 
@@ -97,9 +96,9 @@ def main(argv: list[str] | None = None) -> None:
                 failures.append(f"{name}: no trial finished — {reason}")
             elif missing:
                 print(f"warning: {name}: no finished trial for variant(s) {missing} — {reason}", file=sys.stderr)
-            write_atomic(artifacts.tune_best(name), json.dumps(
-                {"experiment": name, "parent_run_id": outcome.parent_run_id, "trials": outcome.n_trials,
-                 "failed": outcome.failed, "best": outcome.best}, indent=2, sort_keys=True, default=str))
+            write_json(artifacts.tune_best(name), {"experiment": name, "parent_run_id": outcome.parent_run_id,
+                                                   "trials": outcome.n_trials, "failed": outcome.failed,
+                                                   "best": outcome.best})
             print(f"{name}: {outcome.n_trials} trials, best per variant: "
                   + ", ".join(f"{v}={b['metrics'].get(settings.tune.metric):.4g}" for v, b in sorted(outcome.best.items())),
                   flush=True)

@@ -32,7 +32,6 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from pydantic import Field
 from torch import nn
-from torch.nn import functional as F
 
 from deqsm.config import DEQSettings
 from deqsm.losses import LOSSES, LossOutput, get_score_loss
