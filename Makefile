@@ -31,6 +31,7 @@ repro: setup
 	dvc repro
 	@echo "results: results/REPORT.md — browse runs with: make ui"
 
+# The benchmarks at the paper's sizes (the pipeline's bench stage runs memory_depth.py at params.yaml's bench size).
 bench: setup
 	mkdir -p out/benchmarks
 	$(PY) benchmarks/solvers.py | tee out/benchmarks/solvers.jsonl
