@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from deqsm.schema import error_items
 from deqsm.models import MODELS
+from deqsm.schema import error_items
 
 if TYPE_CHECKING:
     from pipelines.settings import Settings
