@@ -31,7 +31,7 @@ def spec(model="dkef", variant="explicit", loss="ssm", **kw):
                           model_options=kw.pop("model_options", TINY_OPTIONS[model]), loss={"name": loss}, **kw)
 
 
-# energy models (2-D data here); the VAE and NCSN, which evaluate themselves, are in test_generative.py
+# the density models (2-D data here); the VAE and NCSN families are in test_generative.py
 ENERGY_MODELS = [m for m in MODELS if MODELS.get(m).eval_options is DensityEvalOptions]
 CASES = [(m, v, l) for m in ENERGY_MODELS for v in ("explicit", "deq") for l in LOSSES + (["mle"] if m == "nice" else [])]
 

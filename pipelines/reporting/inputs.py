@@ -106,7 +106,7 @@ class ExperimentData:
     fidelity: dict[str, Any] | None = None  # the fidelity stage's rows per DEQ variant
 
     def headline(self) -> Headline:
-        """What the experiment is judged by: its model family says (:meth:`deqsm.models.ModelBuilder.headline_of`)."""
+        """What the experiment is judged by: its model family says (:meth:`deqsm.models.ModelFamily.headline_of`)."""
         return MODELS.get(self.spec.model).headline_of({k for m in self.metrics.values() for k in m})
 
     def variants(self) -> list[str]:
