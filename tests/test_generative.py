@@ -1,6 +1,7 @@
-"""The VAE and NCSN as pipeline models (their families in deqsm.models.vae and deqsm.models.ncsn): built from a
-spec, trained by the common loop with every backward mode, evaluated by their own hooks; the VAE's joint objective keeps the score
-network's and the VAE's gradients apart; bad data and bad losses fail naming the problem."""
+"""The VAE and NCSN as pipeline models (their families in deqsm.models.vae and deqsm.models.ncsn): built
+from a spec, trained by the common loop with every backward mode, evaluated by their own hooks; the VAE's
+joint objective keeps the score network's and the VAE's gradients apart; bad data and bad losses fail
+naming the problem."""
 import pytest
 import torch
 
