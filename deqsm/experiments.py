@@ -18,10 +18,10 @@ from pydantic import AfterValidator, Field, model_validator
 from torch import nn
 
 from deqsm.config import DEQSettings, LossSettings
-from deqsm.schema import Strict, known_name
 from deqsm.losses import get_loss
 from deqsm.models import MODELS, EvalOptions, ModelFamily
 from deqsm.models.blocks import VARIANTS, count_parameters
+from deqsm.schema import Strict, known_name
 from deqsm.train import Callback, FitResult, Objective, TrainSettings, fit
 
 Tensor = torch.Tensor
@@ -53,7 +53,7 @@ class VariantSpec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "VariantSpec":
-        entry = MODELS.get(self.model)
+        entry = self.family
         entry.check_options(self.model_options)
         if self.loss.name == "mle":
             if not entry.normalised:

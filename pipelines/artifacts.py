@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -114,13 +114,18 @@ class Artifacts:
         return Path(os.path.relpath(path, self.report_dir)).as_posix()
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file: a crash leaves the old file or the new, never half."""
+def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` then rename onto ``path``: a crash leaves the old file or the new, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    write(tmp)
     tmp.replace(path)
     return path
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    return _replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -159,11 +164,9 @@ def save_model(path: Path, model: torch.nn.Module, *, spec: dict[str, Any], trai
                fit: dict[str, Any], history: Any, mlflow_run_id: str) -> None:
     """Weights (on CPU) with what rebuilds the model (``spec``) and its training record; plain data only,
     so :func:`load_model` reads it with ``weights_only=True``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "spec": spec, "train": train,
-                "fit": fit, "history": history, "mlflow_run_id": mlflow_run_id}, tmp)
-    tmp.replace(path)
+    saved = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "spec": spec, "train": train,
+             "fit": fit, "history": history, "mlflow_run_id": mlflow_run_id}
+    _replace_atomically(path, lambda tmp: torch.save(saved, tmp))
 
 
 def load_model(path: Path, train: torch.Tensor):

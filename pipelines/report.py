@@ -35,13 +35,9 @@ from pipelines.reporting.figures import experiment_figures, fidelity_figure, mem
 from pipelines.reporting.findings import caveats, experiment_findings, fidelity_findings, memory_findings
 from pipelines.reporting.inputs import ExperimentData, ReportError, read_experiment, read_memory_bench
 from pipelines.reporting.markdown import sample_grids, write_report
-from pipelines.reporting.tables import (CSV_COLUMNS, experiment_table_md, fidelity_table_md, fidelity_table_rows,
-                                        table_rows, write_csv)
+from pipelines.reporting.tables import (CSV_COLUMNS, FIDELITY_COLUMNS, experiment_table_md, fidelity_table_md,
+                                        fidelity_table_rows, table_rows, write_csv)
 from pipelines.settings import ParamsError, Settings, load_params, main_guard
-
-FIDELITY_COLUMNS = ["experiment", "variant", "k", "grad_cosine", "grad_rel_error", "score_rel_error", "rows", "loss",
-                    "trained_backward"]
-
 
 def log(message: str) -> None:
     print(f"report: {message}", flush=True)

@@ -11,7 +11,7 @@ from pydantic import Field, ValidationError
 
 from deqsm.config import DEQSettings
 from deqsm.experiments import VariantSpec, evaluate_variant, train_model
-from deqsm.losses import LossOutput, get_score_loss
+from deqsm.losses import get_score_loss
 from deqsm.models import MODELS, EvalOptions, Headline, ModelFamily
 from deqsm.models.blocks import make_net
 from deqsm.train import TrainSettings, mean_loss

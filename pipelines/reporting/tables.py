@@ -156,6 +156,10 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
 
 
 
+FIDELITY_COLUMNS = ["experiment", "variant", "k", "grad_cosine", "grad_rel_error", "score_rel_error", "rows", "loss",
+                    "trained_backward"]
+
+
 def fidelity_table_rows(fidelity: dict[str, dict]) -> list[dict[str, Any]]:
     return [{"experiment": exp, "variant": v, "k": r["k"], "grad_cosine": r.get("grad_cosine"),
              "grad_rel_error": r.get("grad_rel_error"), "score_rel_error": r.get("score_rel_error"),
