@@ -10,6 +10,11 @@ class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid; the message names the key."""
 
 
+class ServiceError(RuntimeError):
+    """A service the stage needs (the MLflow tracking store, a Ray cluster) is unreachable or broken. The message
+    is one line: the service, its address, what went wrong and what to do; stages raise it before they write."""
+
+
 def read_params_file(path: Path) -> dict[str, Any]:
     """params.yaml's sections as plain data (no validation): a clear :class:`ParamsError` when the file is
     missing, is not YAML, or is not a mapping."""

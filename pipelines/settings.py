@@ -19,7 +19,7 @@ from deqsm.data.settings import DataSettings
 from deqsm.experiments import Depth, ModelName, VariantName, Width
 from deqsm.models import MODELS
 from deqsm.train import TrainSettings
-from pipelines import ParamsError, read_params_file
+from pipelines import ParamsError, ServiceError, read_params_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -297,6 +297,9 @@ def main_guard(fn) -> None:
     except (ParamsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except ServiceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
     except KeyboardInterrupt:
         print("interrupted: finished outputs are kept; run `dvc repro` again to continue", file=sys.stderr)
         sys.exit(130)
