@@ -4,7 +4,8 @@ SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export PATH := $(abspath $(VENV))/bin:$(PATH)
+# ($(CURDIR), not $(abspath): a project path with a space is one word)
+export PATH := $(if $(filter /%,$(VENV)),$(VENV),$(CURDIR)/$(VENV))/bin:$(PATH)
 export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PYTHONUNBUFFERED ?= 1
@@ -27,7 +28,6 @@ run: setup repro
 repro: setup
 	test -d .dvc || dvc init --quiet $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
 	dvc config core.analytics false
-	dvc config core.site_cache_dir .dvc/site-cache
 	dvc repro
 	@echo "results: results/REPORT.md — browse runs with: make ui"
 
@@ -43,7 +43,7 @@ gpu-check:
 # MLflow UI on 127.0.0.1 only; prints each experiment's runs page (the UI opens on a GenAI overview).
 ui: setup
 	@$(PY) -c "from pipelines.settings import load_params; from pipelines.tracking import Tracker; s = load_params(); t = Tracker(s.tracking_uri()); [print(t.run_url(s.tracking.experiment_prefix + e, $(MLFLOW_PORT))) for e in s.experiments]"
-	mlflow ui --backend-store-uri $$($(PY) -c "from pipelines.settings import load_params; print(load_params().tracking_uri())") --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+	mlflow ui --backend-store-uri "$$($(PY) -c "from pipelines.settings import load_params; print(load_params().tracking_uri())")" --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 test: setup
 	$(PY) -m pytest
