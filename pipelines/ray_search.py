@@ -215,6 +215,20 @@ def _digest(splits: dict) -> str:
     return h.hexdigest()
 
 
+# What a result holds besides the trial's own figures: Ray's bookkeeping (when, where, which process) and the
+# trial's timings. They differ on every run of the same search, so they stay in MLflow and out of best.json,
+# which DVC hashes: an unchanged search then leaves best.json byte-identical and its downstream stages alone.
+_RUN_SPECIFIC = {"timestamp", "date", "hostname", "pid", "node_ip", "node_id", "trial_id", "experiment_id",
+                 "time_this_iter_s", "time_total_s", "time_since_restore", "iterations_since_restore", "done",
+                 "checkpoint_dir_name", "should_checkpoint", "config", "step_ms_median", "peak_bytes", "memory_kind"}
+
+
+def reproducible_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A trial's reported figures without run-specific ones (:data:`_RUN_SPECIFIC`), sorted by name."""
+    return {k: v for k, v in sorted(metrics.items())
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k not in _RUN_SPECIFIC}
+
+
 @dataclass
 class SearchOutcome:
     best: dict[str, dict]        # variant → {"config": trial config, "metrics": last result}
@@ -268,7 +282,12 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
             run_config=tune.RunConfig(
                 name=name, storage_path=str(storage.resolve()), callbacks=[callback],
                 failure_config=tune.FailureConfig(max_failures=ts.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # Every checkpoint is kept: with num_to_keep=1 a trial deleted checkpoint N as it wrote N+1,
+                # while Ray's experiment snapshot (what a run killed at that moment resumes from) still named
+                # N, and the resumed trial then failed ("does not exist on storage anymore"). A trial saves
+                # one per evaluation (tune.steps / train.eval_every), and a finished search's folder is
+                # replaced by the next one.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                 verbose=0),  # progress: one line per finished trial (MlflowTrialLogger)
         )
     grid = tuner.fit()
@@ -295,6 +314,5 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
         if better:
             sample = {k.replace("__", "."): v for k, v in result.config.items() if k != "variant_name"}
             best[variant] = {"config": apply_sample(base_configs[variant], sample), "sample": sample,
-                             "metrics": {k: v for k, v in result.metrics.items()
-                                         if isinstance(v, (int, float, str)) and k != "config"}}
+                             "metrics": reproducible_metrics(result.metrics)}
     return SearchOutcome(best, failed, len(grid), trials_parent)

@@ -129,6 +129,8 @@ class TuneSettings(Strict):
     gpus_per_trial: float = Field(0.0, ge=0, description="fractional values pack trials on a GPU")
     steps: int = Field(200, ge=1, description="training steps per trial (the train stage uses train.steps)")
     max_failures: int = Field(2, ge=0, description="retries of a crashed trial, from its last checkpoint")
+    allow_missing_variants: bool = Field(False, description="false: a variant without a finished trial fails the "
+                                         "stage; true: it is left out of the train stage with a warning")
     address: str | None = Field(None, description="Ray cluster to join; RAY_ADDRESS overrides; null: local")
     num_cpus: int | None = Field(2, ge=1, description="CPUs of a local Ray instance")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray instance (null: detect)")
@@ -208,7 +210,8 @@ class BenchSettings(Strict):
 
 
 class TrackingSettings(Strict):
-    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; relative sqlite paths are from the repo")
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; relative sqlite paths are from the DVC "
+                     "project's root (the one `dvc exp run --temp/--queue` started from)")
     experiment_prefix: str = ""
 
 
@@ -240,10 +243,14 @@ class Settings(Strict):
         return self._root
 
     def tracking_uri(self, root: Path | None = None) -> str:
-        """params.yaml's tracking URI; a relative SQLite path starts at ``root`` (default: params.yaml's folder)."""
+        """params.yaml's tracking URI. A relative SQLite path starts at ``root``; by default at the DVC project
+        the stage runs for (``DVC_ROOT``, which DVC sets for stage commands: under ``dvc exp run --temp`` or
+        ``--queue`` it names the project the experiment was started from, not its temporary copy, so those
+        runs land in the project's store), else at params.yaml's folder."""
         uri = self.tracking.uri
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            return "sqlite:///" + str((root or self._root) / uri[len("sqlite:///"):])
+            base = root or Path(os.environ.get("DVC_ROOT") or self._root)
+            return "sqlite:///" + str(base / uri[len("sqlite:///"):])
         return uri
 
 

@@ -23,6 +23,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# Train settings a trial does not take from params.yaml: its length is tune.steps, it prints no progress bar and
+# checkpoints through Ray. dvc.yaml's tune stage lists the train.* params that remain.
+NOT_FROM_TRAIN = ("steps", "progress", "checkpoint_every")
+
+
+def search_config(settings: Settings, name: str, variant: str) -> dict:
+    """What the search trains for one variant: :func:`trial_config` for ``tune.steps`` steps, without the
+    settings the search does not read (:data:`NOT_FROM_TRAIN`, the evaluation options), so that changing them
+    does not change the search or its best.json."""
+    cfg = trial_config(settings, name, variant)
+    cfg.pop("eval_options")
+    for key in NOT_FROM_TRAIN:
+        cfg["train"].pop(key)
+    cfg["train"]["steps"] = settings.tune.steps
+    return cfg
+
+
 def check_models_build(settings: Settings, names: list[str], splits: dict[str, dict]) -> None:
     """Build every variant's model on its training split once, before Ray starts: a model that does not fit
     its data (a VAE on pixels that are not binarised, NCSN on vectors, ...) is one clear error here instead
@@ -65,9 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             exp = settings.experiments[name]
             mlflow_exp = settings.tracking.experiment_prefix + name
-            base = {v: trial_config(settings, name, v) for v in exp.variants}
-            for cfg in base.values():
-                cfg["train"]["steps"] = settings.tune.steps
+            base = {v: search_config(settings, name, v) for v in exp.variants}
             parent = tracker.start_run(mlflow_exp, f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                                        {"tune.num_samples": settings.tune.num_samples,
                                         "tune.scheduler": settings.tune.scheduler,
@@ -85,20 +100,27 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             missing = sorted(set(exp.variants) - set(outcome.best))
             reason = "; ".join(f"{v}: {', '.join(outcome.failed.get(v, ['no result']))}" for v in missing) or None
-            # The stage succeeds while each experiment has a finished trial; variants without one are
-            # reported (and left out of the train stage), an experiment without any fails the stage.
-            tracker.end_run(parent, "FINISHED" if outcome.best else "FAILED", failure_reason=reason)
+            # A variant without a finished trial fails the stage (its row would vanish from every table),
+            # unless tune.allow_missing_variants: then it is reported and left out of the train stage. An
+            # experiment without any finished trial always fails.
+            complete = bool(outcome.best) and (not missing or settings.tune.allow_missing_variants)
+            tracker.end_run(parent, "FINISHED" if complete else "FAILED", failure_reason=reason)
             if outcome.parent_run_id != parent:  # a resumed search: its trials sit under the first attempt's run
                 tracker.set_tags(parent, {"resumed_search_parent": outcome.parent_run_id})
                 tracker.set_tags(outcome.parent_run_id, {"resumed_by": parent})
-                tracker.end_run(outcome.parent_run_id, "FINISHED" if outcome.best else "FAILED", failure_reason=reason)
+                tracker.end_run(outcome.parent_run_id, "FINISHED" if complete else "FAILED", failure_reason=reason)
             if not outcome.best:
                 failures.append(f"{name}: no trial finished — {reason}")
+            elif missing and not settings.tune.allow_missing_variants:
+                failures.append(f"{name}: no finished trial for variant(s) {missing} — {reason} (set "
+                                "tune.allow_missing_variants: true to train the others without them)")
             elif missing:
-                print(f"warning: {name}: no finished trial for variant(s) {missing} — {reason}", file=sys.stderr)
-            write_json(artifacts.tune_best(name), {"experiment": name, "parent_run_id": outcome.parent_run_id,
-                                                   "trials": outcome.n_trials, "failed": outcome.failed,
-                                                   "best": outcome.best})
+                print(f"warning: {name}: no finished trial for variant(s) {missing}, left out "
+                      f"(tune.allow_missing_variants) — {reason}", file=sys.stderr)
+            # Only what the search decided: no run ids, dates or timings, so an unchanged search rewrites the
+            # same bytes and DVC leaves the stages after it alone (the MLflow parent run holds the rest).
+            write_json(artifacts.tune_best(name), {"experiment": name, "trials": outcome.n_trials,
+                                                   "failed": outcome.failed, "best": outcome.best})
             print(f"{name}: {outcome.n_trials} trials, best per variant: "
                   + ", ".join(f"{v}={b['metrics'].get(settings.tune.metric):.4g}" for v, b in sorted(outcome.best.items())),
                   flush=True)

@@ -152,3 +152,35 @@ def test_per_experiment_stages_read_their_experiments_data(stage):
     """The data deps of the per-experiment stages: the prepared dataset of the experiment (templated)."""
     body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["do"]
     assert "${data.root}/${item.dataset}" in body["deps"]
+
+
+def stage_params(stage: str) -> list[str]:
+    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    return body.get("do", body).get("params", [])
+
+
+def test_tune_depends_on_the_train_keys_its_trials_read_and_no_others():
+    """Trials take every train.* setting but steps (tune.steps), progress and checkpoint_every, and take seed and
+    device from base: exactly those train.* keys are tune's params, so that changing train.steps re-runs the
+    train stage and not the search. Each listed key is in params.yaml (DVC fails on a missing one)."""
+    from deqsm.train import TrainSettings
+    from pipelines.tune import NOT_FROM_TRAIN
+
+    read = set(TrainSettings.model_fields) - set(NOT_FROM_TRAIN) - {"seed", "device"}
+    listed = {p.split(".", 1)[1] for p in stage_params("tune") if p.startswith("train.")}
+    assert listed == read
+    assert "train" not in stage_params("tune") and "base" not in stage_params("tune")
+    assert {"base.seed", "base.device"} <= set(stage_params("tune"))
+    in_file = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    assert listed <= set(in_file), f"params.yaml's train section lacks {sorted(listed - set(in_file))}"
+
+
+def test_search_config_leaves_out_what_the_search_does_not_read():
+    from pipelines.settings import load_params
+    from pipelines.tune import search_config
+
+    settings = load_params(ROOT / "params.yaml")
+    name = next(iter(settings.experiments))
+    cfg = search_config(settings, name, next(iter(settings.experiments[name].variants)))
+    assert cfg["train"]["steps"] == settings.tune.steps
+    assert "progress" not in cfg["train"] and "checkpoint_every" not in cfg["train"] and "eval_options" not in cfg
