@@ -79,7 +79,12 @@ class Artifacts:
         return self.results / "experiments" / experiment
 
     def curve(self, experiment: str, variant: str) -> Path:
+        """Everything the train stage logged for one variant (step rows and evaluation rows; the report's input)."""
         return self.experiment_dir(experiment) / "curves" / f"{variant}.csv"
+
+    def curve_plot(self, experiment: str, key: str) -> Path:
+        """One logged quantity of every variant, long format (step, variant, ``key``): a DVC plot (dvc.yaml)."""
+        return self.experiment_dir(experiment) / "plots" / f"{key}.csv"
 
     # --- evaluate
     def metrics(self, experiment: str) -> Path:

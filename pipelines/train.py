@@ -5,11 +5,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from pathlib import Path
 
-from pipelines.artifacts import Artifacts, load_splits, save_model
+from pipelines.artifacts import Artifacts, load_splits, save_model, write_atomic
 from pipelines.settings import Settings, main_guard, run_experiment_stage
 from pipelines.trials import flatten
 
@@ -33,12 +34,32 @@ class CurveLogger:
     def on_checkpoint(self, step: int, path: Path) -> None: ...
 
     def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         keys = sorted({k for r in self.rows for k in r}, key=lambda k: (k != "step", k))
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.rows)
+        write_csv(path, keys, self.rows)
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of the rows that logged ``key`` (an evaluation row has no train_loss: no blank)."""
+        return [(int(r["step"]), r[key]) for r in self.rows if r.get(key) is not None]
+
+
+# The DVC plots of the train stage (dvc.yaml): per experiment, one long-format table per quantity, every variant's
+# rows in it, so that `dvc plots show` draws the variants as lines of one plot (.dvc/plots/variants.json).
+PLOTTED = ("train_loss", "val_loss")
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(path, buf.getvalue())
+
+
+def write_curve_plots(artifacts: Artifacts, name: str, curves: dict[str, CurveLogger]) -> None:
+    for key in PLOTTED:
+        rows = [{"step": step, "variant": variant, key: value}
+                for variant, curve in sorted(curves.items()) for step, value in curve.series(key)]
+        write_csv(artifacts.curve_plot(name, key), ["step", "variant", key], rows)
 
 
 def train_experiment(settings: Settings, name: str) -> None:
@@ -57,14 +78,16 @@ def train_experiment(settings: Settings, name: str) -> None:
     parent = tracker.start_run(mlflow_exp, f"train-{time.strftime('%Y%m%d-%H%M%S')}", {},
                                {"stage": "train", **provenance_tags(settings.base.device, settings.root)})
     artifacts.models_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out, even when no variant trains
+    curves: dict[str, CurveLogger] = {}
     for variant, entry in sorted(best.items()):
         cfg = entry["config"]
-        train_cfg = {**cfg["train"], "steps": settings.train.steps}  # the full budget, not tune.steps
+        # the search's settings with the full budget (not tune.steps) and this stage's progress bar
+        train_cfg = {**cfg["train"], "steps": settings.train.steps, "progress": settings.train.progress}
         spec = VariantSpec(**cfg["spec"])
         run_id = tracker.start_run(mlflow_exp, f"{variant}", flatten({"spec": cfg["spec"], "train": train_cfg}),
                                    {"stage": "train", "variant": variant, **provenance_tags(settings.base.device, settings.root)},
                                    parent_run_id=parent)
-        curve = CurveLogger(tracker, run_id)
+        curve = curves[variant] = CurveLogger(tracker, run_id)
         solver = SolverRecorder()
         print(f"{name}/{variant}: training {train_cfg['steps']} steps", flush=True)
         try:
@@ -85,6 +108,7 @@ def train_experiment(settings: Settings, name: str) -> None:
         save_model(artifacts.model(name, variant), model, spec=cfg["spec"], train=train_cfg, fit=summary,
                    history=fit.history, mlflow_run_id=run_id)
         tracker.end_run(run_id, "FINISHED")
+    write_curve_plots(artifacts, name, curves)
     tracker.end_run(parent, "FINISHED")
 
 

@@ -88,14 +88,15 @@ def make_project(dest: Path, params: dict) -> Path:
                             check=True).stdout.decode().split("\0")
     for rel in filter(None, listed):
         src = ROOT / rel
-        if src.is_file() and not rel.startswith("tests/") and rel != "dvc.lock":  # a fresh project
+        # a fresh project: no tests, no lock, no results of this checkout's own runs (committed ones included)
+        if src.is_file() and not rel.startswith(("tests/", "results/")) and rel != "dvc.lock":
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], dest)
     if not (dest / ".dvc" / "config").exists():
         run(["dvc", "init", "-q"], dest)
-    run(["dvc", "config", "core.site_cache_dir", str(dest / ".dvc" / "site-cache")], dest)
+    run(["dvc", "config", "--local", "core.site_cache_dir", str(dest / ".dvc" / "site-cache")], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "project"], dest)
     return dest

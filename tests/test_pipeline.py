@@ -112,13 +112,77 @@ def test_eval_param_reruns_only_evaluation(project):
     assert _ran(proc) == {f"evaluate@{e}" for e in EXPERIMENTS} | {"report"}
 
 
+def _set_params(root, changes: dict) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for key, value in changes.items():
+        section, name = key.split(".")
+        params[section][name] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_settings_trials_do_not_read_leave_the_search_alone(project):
+    """train.steps (trials run tune.steps), train.progress and base.threads (the stage process's threads) change
+    the train stage, not the Ray search."""
+    root, _ = project
+    before = (root / "params.yaml").read_text()
+    try:
+        _set_params(root, {"train.steps": 14, "train.progress": True, "base.threads": 2})
+        changed = set(json.loads(run(["dvc", "status", "--json"], root).stdout))
+    finally:
+        (root / "params.yaml").write_text(before)
+    assert {f"train@{e}" for e in EXPERIMENTS} <= changed
+    assert not {s for s in changed if s.startswith("tune@")}, changed
+
+
+def test_a_search_run_again_writes_the_same_best_json_and_nothing_after_it_reruns(project):
+    """best.json holds what the search decided (no dates, hosts, pids, timings): a forced re-run of an unchanged
+    search rewrites the same bytes, so DVC re-runs none of the stages after it."""
+    root, _ = project
+    best = root / "out" / "tune" / "dkef-mixture" / "best.json"
+    before = best.read_bytes()
+    for key in ("date", "hostname", "pid", "timestamp", "node_id", "trial_id", "parent_run_id", "step_ms_median"):
+        assert f'"{key}"' not in before.decode(), key
+    run(["dvc", "repro", "--force", "--single-item", "tune@dkef-mixture"], root)
+    assert best.read_bytes() == before
+    again = run(["dvc", "repro"], root)
+    assert _ran(again) == set(), "an unchanged search must leave train/evaluate/fidelity/report up to date"
+
+
 def test_exp_run_with_another_solver_skips_data_preparation(project):
     root, _ = project
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "after first repro"], root)
-    proc = run(["dvc", "exp", "run", "-S", "deq.solver=broyden"], root)
+    proc = run(["dvc", "exp", "run", "-n", "broyden", "-S", "deq.solver=broyden"], root)
     ran = _ran(proc)
     assert "prepare" not in ran
     assert {f"tune@{e}" for e in EXPERIMENTS} <= ran
     best = json.loads((root / "out" / "tune" / "nice-digits" / "best.json").read_text())
     assert best["best"]["deq"]["config"]["spec"]["deq"]["solver"] == "broyden"
+
+
+def test_experiments_compare_in_dvc_exp_show_metrics_diff_and_plots_diff(project):
+    """Metrics and plot tables are tracked by git (cache: false, not ignored): each revision and experiment
+    keeps its own, so DVC's comparisons read both sides (before, every revision showed `!`)."""
+    root, _ = project
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
+    flat = json.dumps(shown)
+    assert "broyden" in flat
+    for exp in EXPERIMENTS:
+        assert f"results/experiments/{exp}/metrics.json" in flat
+    rows = run(["dvc", "exp", "show", "--csv", "--no-pager"], root).stdout.splitlines()
+    header = rows[0].split(",")
+    col = header.index("results/experiments/nice-digits/metrics.json:deq.test_loglik")
+    values = [r.split(",")[col] for r in rows[1:]]
+    assert len(values) >= 2 and all(v not in ("", "!", "-") for v in values), rows
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "broyden", "--json"], root).stdout)
+    deq = diff["results/experiments/nice-digits/metrics.json"]["deq.test_loglik"]
+    assert isinstance(deq["old"], float) and isinstance(deq["new"], float)
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "broyden", "--json"], root).stdout)
+    assert not plots.get("errors"), plots.get("errors")
+    name = "results/experiments/nice-digits/plots/train_loss.csv"
+    data = plots["data"][name][0]
+    values = data["content"]["data"]["values"]
+    assert {v["rev"] for v in values} == {"HEAD", "broyden"} and {v["variant"] for v in values} == {"deq", "explicit-2"}
+    assert all(v["train_loss"] not in ("", None) for v in values), "no blank (drawn as 0) in a plotted column"
+    assert data["content"]["encoding"]["color"]["field"] == "variant"
+    assert data["content"]["encoding"]["y"]["title"].startswith("training loss")
