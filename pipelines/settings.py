@@ -233,8 +233,9 @@ class Settings(Strict):
         known = set(self.data.dataset_names())
         for name, exp in self.experiments.items():
             if exp.dataset not in known:
-                raise ValueError(f"experiments.{name}.dataset {exp.dataset!r} is not prepared by the data section; "
-                                 f"prepared: {', '.join(sorted(known))}")
+                raise ValueError(f"experiments.{name}.dataset {exp.dataset!r} is not prepared by the data section "
+                                 f"(prepared: {', '.join(sorted(known))}); declare it under data.datasets or "
+                                 "name one of those")
         return self
 
     @property

@@ -63,3 +63,18 @@ def test_sigterm_takes_the_interrupt_path():
     code, err = finish(proc)
     assert code == 130 and time.monotonic() - t0 < 10
     assert "cleanup ran" in err and "interrupted" in err and "Traceback" not in err
+
+
+def test_check_names_an_undeclared_dataset_in_one_line_without_dumping_params(tmp_path):
+    """DVC stops on the missing data/prepared/<name> before a stage runs; `make repro` runs this check first."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["experiments"]["nice-digits"]["dataset"] = "mnist"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "pipelines.check", "--params", str(tmp_path / "params.yaml")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "experiments.nice-digits.dataset 'mnist' is not prepared by the data section" in proc.stderr
+    assert "declare it under data.datasets" in proc.stderr
+    assert len(proc.stderr) < 600, "the message names the key; it does not dump params.yaml"
