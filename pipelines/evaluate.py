@@ -7,12 +7,30 @@ sample grid, ``<results>/experiments/<experiment>/samples/<variant>.png``, logge
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from pipelines.artifacts import Artifacts, load_model, load_splits, write_json
 from pipelines.settings import Settings, main_guard, run_experiment_stage
 from pipelines.trials import experiment_eval_options
+
+
+# What evaluate_variant returns that is not measured on the test data: the model's size and the memory of one
+# of its steps. The MLflow run has its training figures already (the train stage logs them, named as the tune
+# trials name them: params, peak_bytes, step_ms_median, steps, best_val_loss, solver_*).
+MODEL_FIGURES = ("params", "score_net_params", "score_step_peak_bytes")
+
+
+def mlflow_test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """evaluate_variant's numbers as MLflow metrics: test-data measurements under ``test/`` (``test_loglik`` →
+    ``test/loglik``, ``fd_digits_cnn`` → ``test/fd_digits_cnn``), the model's size and step memory under
+    ``model/``; non-finite values are left out (metrics.json has them as null); metrics.json keeps its own names."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[f"model/{k}" if k in MODEL_FIGURES else "test/" + k.removeprefix("test_")] = v
+    return out
 
 
 def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
@@ -39,6 +57,8 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
         spec, model, saved = load_model(path, splits["train"])
         torch.manual_seed(settings.base.seed)
         metrics, images = evaluate_variant(spec, model, splits, eval_options, truth, labels)
+        tracker.log_metrics(saved["mlflow_run_id"], mlflow_test_metrics(metrics))
+        tracker.log_dataset_inputs(saved["mlflow_run_id"], artifacts.data_root, dataset, ("test",))
         if images is not None:
             grid = save_image_grid(images, artifacts.sample_grid(name, variant))
             tracker.log_artifact(saved["mlflow_run_id"], grid, "samples")
@@ -46,8 +66,6 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
                         for k, v in saved["fit"].items()})
         metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         results[variant] = metrics
-        tracker.log_metrics(saved["mlflow_run_id"], {f"test/{k}" if not k.startswith("test") else k: v
-                                                     for k, v in metrics.items() if isinstance(v, (int, float))})
         print(f"{name}/{variant}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                                                 if isinstance(v, float) and k.startswith("test")), flush=True)
     write_json(artifacts.metrics(name), results)

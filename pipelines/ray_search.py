@@ -37,7 +37,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 
 from pipelines.settings import Settings, SpaceEntry  # noqa: E402
 from pipelines.trials import apply_sample, flatten  # noqa: E402
-from pipelines.tracking import Tracker, provenance_tags  # noqa: E402
+from pipelines.tracking import Tracker, device_label, provenance_tags  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -80,9 +80,9 @@ def _key(dotted: str) -> str:
 class _TrialReporter:
     """deqsm.train callbacks → tune.report: each checkpoint goes to Ray with the latest metrics."""
 
-    def __init__(self, ckpt_dir: Path) -> None:
+    def __init__(self, ckpt_dir: Path, device: str) -> None:
         self.ckpt_dir = ckpt_dir
-        self.latest: dict[str, float] = {}
+        self.latest: dict[str, float | str] = {"device": device}  # the worker's device: the trial run's tag
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self.latest.update(metrics)
@@ -113,14 +113,16 @@ def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: di
         with restored.as_directory() as d:
             shutil.copytree(d, ckpt_dir, dirs_exist_ok=True)
     recorder = SolverRecorder()
+    device = device_label(train.device)  # as fit resolves it, in this worker (which may see no GPU)
     try:
-        model, fit = train_model(spec, splits, train, callbacks=[_TrialReporter(ckpt_dir), recorder],
+        model, fit = train_model(spec, splits, train, callbacks=[_TrialReporter(ckpt_dir, device), recorder],
                                  checkpoint_dir=ckpt_dir)
         summary = {k: v for k, v in fit.summary().items() if isinstance(v, (int, float))}
         summary["val_loss"] = fit.best_val_loss  # the selection metric: the best validation loss reached
         summary["params"] = float(sum(p.numel() for p in model.parameters()))
         # node_id: which Ray node ran the trial (the cluster test checks trials spread over nodes)
-        tune.report({**summary, **recorder.summary(), "final": 1.0,
+        # step: the last training step, so the summary is the latest value of its MLflow metrics (val_loss: best)
+        tune.report({**summary, **recorder.summary(), "final": 1.0, "device": device, "step": fit.steps,
                      "node_id": ray.get_runtime_context().get_node_id()})
     finally:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -130,12 +132,15 @@ class MlflowTrialLogger(tune.Callback):
     """Driver-side: one MLflow run per trial, nested under ``parent_run_id``."""
 
     def __init__(self, tracker: Tracker, experiment: str, parent_run_id: str,
-                 base_configs: dict[str, dict], tags: dict[str, str] | None = None, total: int | None = None) -> None:
+                 base_configs: dict[str, dict], tags: dict[str, str] | None = None, total: int | None = None,
+                 data_root: Path | None = None) -> None:
         self.tracker, self.experiment, self.parent = tracker, experiment, parent_run_id
         self.base_configs = base_configs
         self.total = total  # trials of the whole search (Ray creates them lazily: its list grows as they start)
         self.tags = dict(tags or {})
+        self.data_root = data_root  # the prepared datasets: each trial run logs its train/val splits as inputs
         self.runs: dict[str, str] = {}
+        self.devices: dict[str, str] = {}  # trial id → the device its worker reported (tagged once)
 
     def _run_id(self, trial) -> str:
         if trial.trial_id not in self.runs:
@@ -152,6 +157,9 @@ class MlflowTrialLogger(tune.Callback):
                     self.experiment, f"{cfg['variant_name']}-{trial.trial_id}", params,
                     {"ray_trial_id": trial.trial_id, "variant": cfg["variant_name"], "stage": "tune",
                      **self.tags}, parent_run_id=self.parent)
+                if self.data_root is not None:
+                    self.tracker.log_dataset_inputs(self.runs[trial.trial_id], self.data_root, cfg["dataset"],
+                                                    ("train", "val"))
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -162,6 +170,10 @@ class MlflowTrialLogger(tune.Callback):
                    and k not in ("time_this_iter_s", "timestamp", "pid", "training_iteration", "time_total_s",
                                  "iterations_since_restore", "time_since_restore")}
         self.tracker.log_metrics(self._run_id(trial), metrics, step=int(result.get("step", result.get("training_iteration", 0))))
+        device = result.get("device")
+        if isinstance(device, str) and self.devices.get(trial.trial_id) != device:
+            self.devices[trial.trial_id] = device
+            self.tracker.set_tags(self._run_id(trial), {"device": device})
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         run_id = self._run_id(trial)
@@ -220,7 +232,8 @@ def _digest(splits: dict) -> str:
 # which DVC hashes: an unchanged search then leaves best.json byte-identical and its downstream stages alone.
 _RUN_SPECIFIC = {"timestamp", "date", "hostname", "pid", "node_ip", "node_id", "trial_id", "experiment_id",
                  "time_this_iter_s", "time_total_s", "time_since_restore", "iterations_since_restore", "done",
-                 "checkpoint_dir_name", "should_checkpoint", "config", "step_ms_median", "peak_bytes", "memory_kind"}
+                 "checkpoint_dir_name", "should_checkpoint", "config", "step_ms_median", "peak_bytes", "memory_kind",
+                 "device"}
 
 
 def reproducible_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -263,7 +276,8 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
     trials_parent = parent_run_id
     total = ts.num_samples * len(base_configs) * math.prod(len(e.grid) for e in ts.search_space.values() if e.grid)
     callback = MlflowTrialLogger(tracker, settings.tracking.experiment_prefix + experiment, parent_run_id, base_configs,
-                                 provenance_tags(settings.base.device, settings.root), total)
+                                 provenance_tags(settings, "pipelines.tune", device=False), total,
+                                 settings.root / settings.data.root)
     if (marker.exists() and marker.read_text() == fingerprint and tune.Tuner.can_restore(str(run_dir))):
         # An interrupted search with the same configuration: finish it instead of starting over. Ray restores
         # the saved trial logger too, which keeps nesting trials under the first attempt's parent run.

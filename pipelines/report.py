@@ -141,7 +141,7 @@ def run_report(settings: Settings, params: Path, root: Path | None = None, memor
     conclusions += fid_lines
     from pipelines.tracking import provenance_tags
 
-    tags = provenance_tags(settings.base.device, artifacts.root)
+    tags = provenance_tags(settings, "pipelines.report", artifacts.root)
     report = write_report(artifacts, settings, params, datas, tables, bench, fidelity_md, conclusions,
                           caveats(settings, datas, all_rows, bench), figures, tags)
     log(f"wrote {report}")

@@ -1,41 +1,139 @@
 """MLflow: every MLflow call of the project lives here.
 
 Conventions (see DESIGN.md): one MLflow experiment per pipeline experiment (e.g. ``nice-digits``); one
-run per Ray Tune trial, nested under the tune stage's parent run; params flattened with dotted keys;
-tags: git commit, dvc.lock hash, device. All logging goes through an explicit ``MlflowClient`` and run
-ids (no global active run), so the Tune driver can log many trials from one process.
+run per Ray Tune trial, nested under the tune stage's parent run; params flattened with dotted keys. All
+logging goes through an explicit ``MlflowClient`` and run ids (no global active run), so the Tune driver can
+log many trials from one process.
+
+Tags of every run (:func:`provenance_tags`):
+
+- MLflow's own source tags, which fill the UI's Source / Version / User columns: ``mlflow.source.name`` (the
+  stage module, e.g. ``pipelines.train``), ``mlflow.source.type`` (``JOB`` when DVC runs the stage, i.e.
+  ``DVC_STAGE`` is set; ``LOCAL`` by hand), ``mlflow.source.git.commit`` / ``.branch`` / ``.repoURL`` (left out
+  when unknown: no git, a detached HEAD, no ``origin``; credentials are cut from the URL), ``mlflow.user``.
+- ``pipeline_sha256``: sha256 of the validated params (canonical JSON) and of ``dvc.yaml``'s bytes. Equal for
+  every stage of one ``dvc repro`` (unlike a hash of dvc.lock, which DVC rewrites after each stage), different
+  when a param or the pipeline changes (``dvc exp run -S ...``). The git commit says which code ran.
+- ``dvc.stage`` (e.g. ``train@nice-digits``), and under ``dvc exp run`` ``dvc.exp_name`` and
+  ``dvc.exp_baseline_rev``: the environment DVC gives stage commands (``DVC_STAGE``, ``DVC_EXP_NAME``,
+  ``DVC_EXP_BASELINE_REV``; see dvc/stage/run.py and dvc/repo/experiments/queue/base.py).
+- ``device``: the torch device the run trains on (``cpu``, ``cuda:0``), resolved as :func:`deqsm.train.fit`
+  resolves ``base.device`` (``auto``: CUDA when present); ``device.name`` for a GPU. A tune trial's device is
+  the one its Ray worker reports (a worker may see no GPU where the driver does).
+
+Inputs and outputs: a training run logs its prepared dataset splits as MLflow dataset inputs
+(:meth:`Tracker.log_dataset_inputs`: the UI's "Datasets used"), and a trained variant is an MLflow logged
+model (:meth:`Tracker.log_model`) whose artifact is the pipeline's own model file, not a pickled module:
+``mlflow.pytorch.log_model`` pickles the whole ``nn.Module`` (loading it needs ``weights_only=False``, i.e.
+running code from the file), while the pipeline's file holds a state dict and the spec that rebuilds the
+architecture. Load it with :meth:`Tracker.download_model` and :func:`pipelines.artifacts.load_model`.
 """
 from __future__ import annotations
 
+import getpass
 import hashlib
+import json
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.entities import (Dataset, DatasetInput, InputTag, LoggedModelOutput,  # noqa: E402
+                              LoggedModelStatus, Metric, Param, RunStatus, RunTag, SourceType)
 from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.mlflow_tags import (MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL,  # noqa: E402
+                                      MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER)
 
 
 MAX_PARAM_LEN = 6000
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def provenance_tags(device: str | None = None, root: Path = ROOT) -> dict[str, str]:
-    """Tags every run carries: the git commit and dvc.lock hash of the project at ``root``, the device."""
-    tags = {}
+def device_label(device: Any) -> str:
+    """The torch device a setting (``auto``, ``cpu``, ``cuda``, ``cuda:1``) or a ``torch.device`` trains on, as
+    :func:`deqsm.train.fit` resolves it, with its index (``cuda`` → ``cuda:0``, the current device)."""
+    import torch
+
+    from deqsm.train import resolve_device
+
+    d = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    if d.type == "cuda" and d.index is None and torch.cuda.is_available():
+        d = torch.device("cuda", torch.cuda.current_device())
+    return str(d)
+
+
+def device_tags(device: Any) -> dict[str, str]:
+    """``device`` (and ``device.name`` for a GPU) of the device a setting resolves to."""
+    label = device_label(device)
+    tags = {"device": label}
+    if label.startswith("cuda"):
+        import torch
+
+        try:
+            tags["device.name"] = torch.cuda.get_device_name(torch.device(label))
+        except Exception:  # noqa: BLE001 — the name is a nicety
+            pass
+    return tags
+
+
+def _git(root: Path, *args: str) -> str | None:
     try:
-        tags["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                            text=True, check=True).stdout.strip()
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        tags["git_commit"] = "unknown"
-    lock = Path(root) / "dvc.lock"
-    tags["dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else "none"
+        return None
+    return out or None
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme and "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return url
+
+
+def pipeline_sha256(settings: Any, root: Path) -> str:
+    """sha256 of the validated params (canonical JSON) and dvc.yaml: the same for every stage of one repro."""
+    h = hashlib.sha256(b"params\n")
+    h.update(json.dumps(settings.model_dump(mode="json"), sort_keys=True, default=str).encode())
+    dvc_yaml = Path(root) / "dvc.yaml"
+    h.update(b"\ndvc.yaml\n" + (dvc_yaml.read_bytes() if dvc_yaml.exists() else b""))
+    return h.hexdigest()
+
+
+def provenance_tags(settings: Any, source: str, root: Path | None = None, *, device: bool = True) -> dict[str, str]:
+    """The tags every run of stage module ``source`` carries (see the module's docstring); ``root``: the
+    project (default: params.yaml's folder); ``device=False`` leaves the device out (a tune trial's comes from
+    its worker)."""
+    root = Path(root or settings.root)
+    tags = {MLFLOW_SOURCE_NAME: source,
+            MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.JOB if os.environ.get("DVC_STAGE")
+                                                     else SourceType.LOCAL),
+            "pipeline_sha256": pipeline_sha256(settings, root)}
+    commit = _git(root, "rev-parse", "HEAD")
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+        branch = _git(root, "rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags[MLFLOW_GIT_BRANCH] = branch
+        url = _git(root, "remote", "get-url", "origin")
+        if url:
+            tags[MLFLOW_GIT_REPO_URL] = _without_credentials(url)
+    try:
+        tags[MLFLOW_USER] = getpass.getuser()
+    except Exception:  # noqa: BLE001 — no user name in this environment
+        pass
+    for env, tag in (("DVC_STAGE", "dvc.stage"), ("DVC_EXP_NAME", "dvc.exp_name"),
+                     ("DVC_EXP_BASELINE_REV", "dvc.exp_baseline_rev")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
     if device:
-        tags["device"] = device
+        tags.update(device_tags(settings.base.device))
     return tags
 
 
@@ -92,6 +190,66 @@ class Tracker:
 
     def log_artifact(self, run_id: str, path: Path | str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_dataset_inputs(self, run_id: str, data_root: Path | str, name: str, splits: tuple[str, ...]) -> None:
+        """The prepared dataset ``name``'s ``splits`` as the run's dataset inputs (the UI's "Datasets used"): one
+        MLflow dataset per Parquet file, named ``name``, context tag the split, source its path, digest the
+        first 32 hex digits of the file's sha256 in the manifest (MLflow allows 36 characters; the profile holds
+        the whole sha256, the rows and the sample shape)."""
+        from deqsm.data import read_manifest
+
+        manifest = read_manifest(data_root, name)
+        inputs = []
+        for split in splits:
+            entry = manifest["splits"][split]
+            path = (Path(data_root) / name / entry["file"]).resolve()
+            profile = {"rows": entry["rows"], "bytes": entry["bytes"], "sha256": entry["sha256"],
+                       "shape": manifest.get("shape"), "dataset": manifest.get("dataset"), "kind": manifest.get("kind")}
+            ds = Dataset(name=name, digest=entry["sha256"][:32], source_type="local",
+                         source=json.dumps({"uri": str(path)}), profile=json.dumps(profile, sort_keys=True))
+            inputs.append(DatasetInput(ds, [InputTag("mlflow.data.context", split)]))
+        self.client.log_inputs(run_id, datasets=inputs)
+
+    def log_model(self, run_id: str, experiment: str, name: str, path: Path | str, *, step: int = 0,
+                  params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> str:
+        """The model file at ``path`` (:func:`pipelines.artifacts.save_model`'s format) as an MLflow logged model
+        named ``name``, produced by run ``run_id`` (the run page's "Logged models"); returns its model id.
+        The artifact is the file itself (weights + spec, read with ``weights_only=True``), no MLmodel flavor."""
+        path = Path(path)
+        model = self.client.create_logged_model(
+            self.experiment_id(experiment), name=name, source_run_id=run_id, model_type="deqsm",
+            params={k: str(v)[:MAX_PARAM_LEN] for k, v in (params or {}).items()},
+            tags={"deqsm.file": path.name,
+                  "deqsm.loader": f"pipelines.artifacts.load_model(<downloaded>/{path.name}, <train split>)",
+                  **(tags or {})})
+        try:
+            with tempfile.TemporaryDirectory(prefix="deqsm-model-") as tmp:
+                shutil.copy2(path, Path(tmp) / path.name)
+                self.client.log_model_artifacts(model.model_id, tmp)
+        except BaseException:
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+        return model.model_id
+
+    def download_model(self, model_id: str, dst: Path | str) -> Path:
+        """A logged model's file, downloaded into ``dst``; load it with :func:`pipelines.artifacts.load_model`."""
+        model = self.client.get_logged_model(model_id)
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location, dst_path=str(dst))
+        return Path(folder) / model.tags["deqsm.file"]
+
+    def log_best(self, run_id: str, metric: str, mode: str, values: dict[str, Any]) -> None:
+        """A parent run's summary of its children: ``best/<variant>/<metric>`` per variant and ``best/<metric>``
+        over all, with tag ``best_variant`` (``mode``: min or max)."""
+        values = {k: float(v) for k, v in values.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+        if not values:
+            return
+        best = (min if mode == "min" else max)(values, key=values.get)
+        self.log_metrics(run_id, {**{f"best/{v}/{metric}": x for v, x in values.items()},
+                                  f"best/{metric}": values[best]})
+        self.set_tags(run_id, {"best_variant": best})
 
     def end_run(self, run_id: str, status: str = "FINISHED", failure_reason: str | None = None) -> None:
         if failure_reason:

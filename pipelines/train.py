@@ -75,8 +75,9 @@ def train_experiment(settings: Settings, name: str) -> None:
     splits = load_splits(artifacts, settings.experiments[name].dataset)
     tracker = Tracker(settings.tracking_uri())
     mlflow_exp = settings.tracking.experiment_prefix + name
-    parent = tracker.start_run(mlflow_exp, f"train-{time.strftime('%Y%m%d-%H%M%S')}", {},
-                               {"stage": "train", **provenance_tags(settings.base.device, settings.root)})
+    tags = provenance_tags(settings, "pipelines.train")
+    parent = tracker.start_run(mlflow_exp, f"train-{time.strftime('%Y%m%d-%H%M%S')}", {}, {"stage": "train", **tags})
+    best_val: dict[str, float] = {}
     artifacts.models_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out, even when no variant trains
     curves: dict[str, CurveLogger] = {}
     for variant, entry in sorted(best.items()):
@@ -85,8 +86,8 @@ def train_experiment(settings: Settings, name: str) -> None:
         train_cfg = {**cfg["train"], "steps": settings.train.steps, "progress": settings.train.progress}
         spec = VariantSpec(**cfg["spec"])
         run_id = tracker.start_run(mlflow_exp, f"{variant}", flatten({"spec": cfg["spec"], "train": train_cfg}),
-                                   {"stage": "train", "variant": variant, **provenance_tags(settings.base.device, settings.root)},
-                                   parent_run_id=parent)
+                                   {"stage": "train", "variant": variant, **tags}, parent_run_id=parent)
+        tracker.log_dataset_inputs(run_id, artifacts.data_root, settings.experiments[name].dataset, ("train", "val"))
         curve = curves[variant] = CurveLogger(tracker, run_id)
         solver = SolverRecorder()
         print(f"{name}/{variant}: training {train_cfg['steps']} steps", flush=True)
@@ -107,8 +108,12 @@ def train_experiment(settings: Settings, name: str) -> None:
         tracker.log_artifact(run_id, curve_path, "curves")
         save_model(artifacts.model(name, variant), model, spec=cfg["spec"], train=train_cfg, fit=summary,
                    history=fit.history, mlflow_run_id=run_id)
+        tracker.log_model(run_id, mlflow_exp, variant, artifacts.model(name, variant), step=fit.steps,
+                          params=flatten({"spec": cfg["spec"]}))
+        best_val[variant] = fit.best_val_loss
         tracker.end_run(run_id, "FINISHED")
     write_curve_plots(artifacts, name, curves)
+    tracker.log_best(parent, "val_loss", "min", best_val)  # the best validation loss of each variant
     tracker.end_run(parent, "FINISHED")
 
 

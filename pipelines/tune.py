@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                                         "tune.steps": settings.tune.steps,
                                         **{f"tune.search_space.{k}": v.model_dump(exclude_none=True)
                                            for k, v in settings.tune.search_space.items()}},
-                                       {"stage": "tune", **provenance_tags(settings.base.device, settings.root)})
+                                       {"stage": "tune", **provenance_tags(settings, "pipelines.tune")})
             trial_splits = {k: v for k, v in splits[name].items() if k != "test"}  # test: evaluate stage only
             try:
                 outcome = run_search(settings, name, base, trial_splits, tracker, parent, storage)
@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             missing = sorted(set(exp.variants) - set(outcome.best))
             reason = "; ".join(f"{v}: {', '.join(outcome.failed.get(v, ['no result']))}" for v in missing) or None
+            for run in {parent, outcome.parent_run_id}:  # the best trial's metric per variant, on the parent run(s)
+                tracker.log_best(run, settings.tune.metric, settings.tune.mode,
+                                 {v: b["metrics"].get(settings.tune.metric) for v, b in outcome.best.items()})
             # A variant without a finished trial fails the stage (its row would vanish from every table),
             # unless tune.allow_missing_variants: then it is reported and left out of the train stage. An
             # experiment without any finished trial always fails.

@@ -81,7 +81,7 @@ def test_sample_grids_are_written_and_logged_to_mlflow(project):
         runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id], "tags.stage = 'train'")
         trained = {r.data.tags["variant"]: r for r in runs if "variant" in r.data.tags}
         assert set(trained) == set(variants)
-        key = "test_elbo" if exp == "vae-digits" else "test/fd_digits_cnn"
+        key = "test/elbo" if exp == "vae-digits" else "test/fd_digits_cnn"
         for v, r in trained.items():
             assert key in r.data.metrics, sorted(r.data.metrics)
             assert [a.path for a in client.list_artifacts(r.info.run_id, "samples")] == [f"samples/{v}.png"]

@@ -83,17 +83,27 @@ def test_mlflow_holds_one_run_per_trial(project):
             assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
             assert {"val_loss", "peak_bytes", "step_ms", "step_ms_median", "train_loss"} <= set(r.data.metrics)
             assert r.data.params["train.lr"] in ("0.001", "0.003")
-            assert r.data.tags["git_commit"] != "unknown" and r.data.tags["device"]
+            assert r.data.tags["mlflow.source.git.commit"] and r.data.tags["device"] in ("cpu", "cuda:0")
+            assert r.data.tags["mlflow.source.type"] == "JOB" and r.data.tags["dvc.stage"] == f"tune@{exp}"
+            r = tracker.client.get_run(r.info.run_id)  # with its inputs
+            dataset = {"dkef-mixture": "mixture", "nice-digits": "digits"}[exp]
+            assert {i.tags[0].value: i.dataset.name for i in r.inputs.dataset_inputs} == {"train": dataset, "val": dataset}
         deq_trials = [r for r in trials if r.data.tags["variant"] == "deq"]
         for r in deq_trials:  # per-step solver metrics (one set per DEQ layer) and their summary
             assert "solver_nstep_mean" in r.data.metrics
             assert any(k.startswith("solver") and k.endswith("_nstep") for k in r.data.metrics)
         assert len(deq_trials) == 2
+        best = json.loads((root / "out" / "tune" / exp / "best.json").read_text())["best"]
+        assert parents[0].data.metrics["best/deq/val_loss"] == best["deq"]["metrics"]["val_loss"]
         final = [r for r in runs if r.data.tags.get("stage") == "train" and "variant" in r.data.tags]
         assert sorted(r.data.tags["variant"] for r in final) == ["deq", "explicit-2"]
         for r in final:
-            assert "test_loglik" in r.data.metrics and "peak_bytes" in r.data.metrics
+            assert "test/loglik" in r.data.metrics and "peak_bytes" in r.data.metrics
+            assert not any(k in r.data.metrics for k in ("test/params", "test/train_steps", "test/peak_bytes"))
             assert [a.path for a in tracker.client.list_artifacts(r.info.run_id)] == ["curves"]
+            assert len(tracker.client.get_run(r.info.run_id).outputs.model_outputs) == 1  # the logged model
+        # one repro: every stage's runs carry the same pipeline hash (dvc.lock changes between stages)
+        assert len({r.data.tags["pipeline_sha256"] for r in runs}) == 1
 
 
 def test_second_repro_does_nothing(project):
@@ -158,6 +168,11 @@ def test_exp_run_with_another_solver_skips_data_preparation(project):
     assert {f"tune@{e}" for e in EXPERIMENTS} <= ran
     best = json.loads((root / "out" / "tune" / "nice-digits" / "best.json").read_text())
     assert best["best"]["deq"]["config"]["spec"]["deq"]["solver"] == "broyden"
+    from pipelines.tracking import Tracker
+
+    runs = Tracker(f"sqlite:///{root}/out/mlflow.db").runs("nice-digits", "tags.stage = 'train'")
+    names = {r.data.tags.get("dvc.exp_name") for r in runs}
+    assert names == {None, "broyden"}, names  # the first repro's runs, and the experiment's by its name
 
 
 def test_experiments_compare_in_dvc_exp_show_metrics_diff_and_plots_diff(project):

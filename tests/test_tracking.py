@@ -104,3 +104,153 @@ def test_tiny_tune_against_the_server_compares_deq_with_explicit(mlflow_server, 
     assert "solver_nstep_mean" not in by_variant["explicit-2"][0].data.metrics
     best = json.loads((tmp_path / "out" / "tune" / "dkef-mixture" / "best.json").read_text())
     assert best["best"]["deq"]["metrics"]["val_loss"] == min(r.data.metrics["val_loss"] for r in by_variant["deq"])
+    # the parent run sums its trials up: the best val_loss per variant and over all
+    [parent] = client.search_runs([exp.experiment_id], "tags.stage = 'tune' and tags.mlflow.source.name = 'pipelines.tune'"
+                                  " and tags.best_variant != ''")
+    for variant, runs in by_variant.items():
+        assert parent.data.metrics[f"best/{variant}/val_loss"] == min(r.data.metrics["val_loss"] for r in runs)
+    assert parent.data.metrics["best/val_loss"] == min(r.data.metrics["val_loss"] for r in trials)
+    # each trial: the device its worker trained on, its data as inputs (the test split is not among them)
+    manifest = json.loads((tmp_path / "data" / "prepared" / "mixture" / "manifest.json").read_text())
+    for r in trials:
+        assert r.data.tags["device"] == "cpu" and "git_commit" not in r.data.tags
+        inputs = {i.tags[0].value: i.dataset for i in client.get_run(r.info.run_id).inputs.dataset_inputs}
+        assert set(inputs) == {"train", "val"}
+        assert all(manifest["splits"][k]["sha256"].startswith(d.digest) for k, d in inputs.items())
+
+
+# --- what a user sees in the UI: source tags, device, datasets used, logged models, best metrics (SQLite store)
+
+def _settings(tmp_path, **changes):
+    import yaml
+
+    from pipeline_project import tiny_params
+    from pipelines.settings import load_params
+
+    params = tiny_params(**{"tracking.uri": "sqlite:///mlflow.db", **changes})
+    params["experiments"] = {"dkef-mixture": params["experiments"]["dkef-mixture"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return load_params(tmp_path / "params.yaml")
+
+
+def _git(root, *args):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_provenance_tags_are_mlflows_source_tags_the_dvc_experiment_and_the_device(tmp_path, monkeypatch):
+    from pipelines.tracking import provenance_tags
+
+    for var in ("DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(var, raising=False)
+    settings = _settings(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    _git(tmp_path, "init", "-q", "-b", "main")
+    _git(tmp_path, "remote", "add", "origin", "https://user:s3cret@example.com/team/deqsm.git")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "one")
+    tags = provenance_tags(settings, "pipelines.train")
+    assert tags["mlflow.source.name"] == "pipelines.train" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.git.commit"] == _git(tmp_path, "rev-parse", "HEAD")
+    assert tags["mlflow.source.git.branch"] == "main"
+    assert tags["mlflow.source.git.repoURL"] == "https://example.com/team/deqsm.git", "no credentials in MLflow"
+    assert tags["device"] == "cpu" and settings.base.device == "auto"  # the device used, not the setting
+    assert "git_commit" not in tags and "dvc_lock_sha256" not in tags and "dvc.exp_name" not in tags
+
+    # A stage under `dvc exp run`: DVC's environment names the experiment; dvc.lock, rewritten after each stage,
+    # does not change the pipeline hash, a param does.
+    monkeypatch.setenv("DVC_STAGE", "train@dkef-mixture")
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-moat")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    under_dvc = provenance_tags(settings, "pipelines.evaluate")
+    assert under_dvc["mlflow.source.type"] == "JOB" and under_dvc["dvc.stage"] == "train@dkef-mixture"
+    assert under_dvc["dvc.exp_name"] == "brisk-moat" and under_dvc["dvc.exp_baseline_rev"] == "a" * 40
+    assert under_dvc["pipeline_sha256"] == tags["pipeline_sha256"]
+    changed = _settings(tmp_path, **{"deq.solver": "broyden"})
+    assert provenance_tags(changed, "pipelines.train")["pipeline_sha256"] != tags["pipeline_sha256"]
+    _git(tmp_path, "checkout", "-q", "--detach")
+    assert "mlflow.source.git.branch" not in provenance_tags(settings, "pipelines.train")
+
+
+def test_a_logged_model_downloads_and_loads_weights_only_into_the_same_model(tmp_path):
+    """The trained-model file as an MLflow logged model: downloaded from the store, it loads (weights_only)
+    into a model with the trained model's outputs."""
+    import torch
+
+    from deqsm.experiments import VariantSpec, train_model
+    from deqsm.train import TrainSettings
+    from pipelines.artifacts import load_model, save_model
+    from mlflow.entities import LoggedModelStatus
+
+    from pipelines.tracking import Tracker
+
+    torch.manual_seed(0)
+    train = torch.randn(64, 2)
+    spec = {"name": "toy/deq", "model": "dkef", "variant": "deq", "width": 8, "loss": {"name": "ssm"},
+            "model_options": {"n_inducing": 8}}
+    model, fit = train_model(VariantSpec(**spec), {"train": train, "val": train[:16]},
+                             TrainSettings(steps=3, batch_size=16, eval_every=3, progress=False, device="cpu"))
+    tracker = Tracker(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    run = tracker.start_run("toy", "deq")
+    save_model(tmp_path / "deq.pt", model, spec=spec, train={}, fit={}, history=fit.history, mlflow_run_id=run)
+    model_id = tracker.log_model(run, "toy", "deq", tmp_path / "deq.pt", step=3, params={"spec.variant": "deq"})
+    tracker.end_run(run)
+
+    logged = tracker.client.get_logged_model(model_id)
+    assert logged.name == "deq" and logged.source_run_id == run and logged.status == LoggedModelStatus.READY
+    assert [o.model_id for o in tracker.client.get_run(run).outputs.model_outputs] == [model_id]
+    path = tracker.download_model(model_id, tmp_path / "download")
+    assert path.read_bytes() == (tmp_path / "deq.pt").read_bytes()
+    _, loaded, saved = load_model(path, train)
+    assert saved["mlflow_run_id"] == run
+    x = torch.randn(10, 2)
+    model.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_runs_carry_datasets_models_and_honest_metric_names(tmp_path):
+    """The train stage (from a hand-written best.json, no Ray) and the evaluate stage on a SQLite store."""
+    from deqsm.data import prepare_datasets, read_manifest
+    from pipelines.artifacts import Artifacts, write_json
+    from pipelines.evaluate import evaluate_experiment
+    from pipelines.tracking import Tracker
+    from pipelines.train import train_experiment
+    from pipelines.trials import trial_config
+
+    settings = _settings(tmp_path, **{"train.steps": 6, "train.eval_every": 3})
+    prepare_datasets(settings.data, tmp_path, ["mixture"])
+    artifacts = Artifacts.of(settings)
+    write_json(artifacts.tune_best("dkef-mixture"), {"best": {
+        v: {"config": trial_config(settings, "dkef-mixture", v)} for v in ("deq", "explicit-2")}})
+    train_experiment(settings, "dkef-mixture")
+    evaluate_experiment(settings, "dkef-mixture")
+
+    tracker = Tracker(settings.tracking_uri())
+    runs = tracker.runs("dkef-mixture")
+    parent = next(r for r in runs if "variant" not in r.data.tags)
+    variants = {r.data.tags["variant"]: r for r in runs if "variant" in r.data.tags}
+    assert set(variants) == {"deq", "explicit-2"}
+    manifest = read_manifest(artifacts.data_root, "mixture")
+    for variant, r in variants.items():
+        r = tracker.client.get_run(r.info.run_id)  # search_runs leaves the outputs out
+        assert r.data.tags["mlflow.source.name"] == "pipelines.train" and r.data.tags["device"] == "cpu"
+        inputs = {i.tags[0].value: i.dataset for i in r.inputs.dataset_inputs}
+        assert set(inputs) == {"train", "val", "test"}  # train/val from training, test from evaluate
+        for split, ds in inputs.items():
+            assert ds.name == "mixture" and manifest["splits"][split]["sha256"].startswith(ds.digest)
+            assert json.loads(ds.source)["uri"] == str(artifacts.data_root.resolve() / "mixture" / f"{split}.parquet")
+        metrics = r.data.metrics
+        assert {"test/loglik", "test/fisher_divergence", "model/params", "params", "peak_bytes"} <= set(metrics)
+        assert not [k for k in metrics if k.startswith("test/") and k[5:] in ("params", "train_steps", "peak_bytes",
+                                                                               "step_ms_median", "steps")]
+        [output] = r.outputs.model_outputs
+        logged = tracker.client.get_logged_model(output.model_id)
+        assert logged.name == variant and logged.source_run_id == r.info.run_id
+        assert tracker.download_model(output.model_id, tmp_path / variant).read_bytes() == \
+            artifacts.model("dkef-mixture", variant).read_bytes()
+        assert parent.data.metrics[f"best/{variant}/val_loss"] == metrics["best_val_loss"]
+    assert parent.data.metrics["best/val_loss"] == min(r.data.metrics["best_val_loss"] for r in variants.values())
+    assert parent.data.tags["best_variant"] in variants

@@ -42,7 +42,8 @@ def write_report(artifacts: Artifacts, s: Settings, params: Path, datas: list[Ex
                  figures: dict[str, list[Path]], tags: dict[str, str]) -> Path:
     md = ["# deqsm report\n",
           f"Written by `python -m pipelines.report` from `{params.name}`; "
-          f"git commit `{tags.get('git_commit', 'unknown')}`, dvc.lock sha256 `{tags.get('dvc_lock_sha256', 'none')[:12]}`. "
+          f"git commit `{tags.get('mlflow.source.git.commit', 'unknown')}`, "
+          f"pipeline sha256 `{tags.get('pipeline_sha256', 'none')[:12]}` (params + dvc.yaml). "
           f"Experiments: {', '.join(f'`{d.name}`' for d in datas)}. Every number below is read from the files "
           "the pipeline wrote; the same files are logged to MLflow (run `report` of each experiment).\n",
           "## What to conclude\n", *(f"- {c}" for c in conclusions), "",
