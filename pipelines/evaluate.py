@@ -37,8 +37,10 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     from deqsm.data import load_split, true_density
     from deqsm.experiments import evaluate_variant
     from deqsm.sampling import save_image_grid
-    from pipelines.tracking import Tracker
+    from pipelines.tracking import Tracker, provenance_tags
 
+    mlflow_exp = settings.tracking.experiment_prefix + name
+    tracker = Tracker.open(settings.tracking_uri(), [mlflow_exp], settings.tracking.timeout)
     artifacts = Artifacts.of(settings)
     files = artifacts.models(name)
     if not files:
@@ -49,7 +51,6 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     truth = true_density(artifacts.data_root, dataset)  # generated data: exact score and log p
     labels = {s: load_split(artifacts.data_root, dataset, s).y for s in ("train", "test")}
     eval_options = experiment_eval_options(settings, name)
-    tracker = Tracker(settings.tracking_uri())
     results: dict[str, dict] = {}
     artifacts.samples_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out, maybe empty
     for path in files:
@@ -57,11 +58,20 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
         spec, model, saved = load_model(path, splits["train"])
         torch.manual_seed(settings.base.seed)
         metrics, images = evaluate_variant(spec, model, splits, eval_options, truth, labels)
-        tracker.log_metrics(saved["mlflow_run_id"], mlflow_test_metrics(metrics))
-        tracker.log_dataset_inputs(saved["mlflow_run_id"], artifacts.data_root, dataset, ("test",))
+        # the training run, or a new one when this store does not hold it (deleted, or tracking.uri changed)
+        run_id, new = tracker.run_or_new(saved.get("mlflow_run_id"), mlflow_exp, f"{variant}-evaluate",
+                                         {"stage": "evaluate", "variant": variant,
+                                          **provenance_tags(settings, "pipelines.evaluate")})
+        if new:
+            print(f"{name}/{variant}: training run {saved.get('mlflow_run_id')} is not in {settings.tracking_uri()}; "
+                  f"logging to a new run {run_id}", flush=True)
+        tracker.log_metrics(run_id, mlflow_test_metrics(metrics))
+        tracker.log_dataset_inputs(run_id, artifacts.data_root, dataset, ("test",))
         if images is not None:
             grid = save_image_grid(images, artifacts.sample_grid(name, variant))
-            tracker.log_artifact(saved["mlflow_run_id"], grid, "samples")
+            tracker.log_artifact(run_id, grid, "samples")
+        if new:
+            tracker.end_run(run_id, "FINISHED")
         metrics.update({f"train_{k}" if k in ("steps", "best_val_loss") else k: v
                         for k, v in saved["fit"].items()})
         metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

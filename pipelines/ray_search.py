@@ -150,8 +150,9 @@ class MlflowTrialLogger(tune.Callback):
             params["variant_name"] = cfg["variant_name"]
             params["dataset"] = cfg["dataset"]
             existing = self.tracker.runs(self.experiment, f"tags.ray_trial_id = '{trial.trial_id}'")
-            if existing:  # a resumed search: keep logging to the trial's run
+            if existing:  # a resumed search: keep logging to the trial's run, now owned by this process
                 self.runs[trial.trial_id] = existing[0].info.run_id
+                self.tracker.claim(existing[0].info.run_id)
             else:
                 self.runs[trial.trial_id] = self.tracker.start_run(
                     self.experiment, f"{cfg['variant_name']}-{trial.trial_id}", params,

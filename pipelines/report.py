@@ -37,6 +37,7 @@ from pipelines.reporting.inputs import ExperimentData, ReportError, read_experim
 from pipelines.reporting.markdown import sample_grids, write_report
 from pipelines.reporting.tables import (CSV_COLUMNS, FIDELITY_COLUMNS, experiment_table_md, fidelity_table_md,
                                         fidelity_table_rows, table_rows, write_csv)
+from pipelines import ServiceError
 from pipelines.settings import ParamsError, Settings, load_params, main_guard
 
 def log(message: str) -> None:
@@ -52,7 +53,10 @@ def log_to_mlflow(artifacts: Artifacts, settings: Settings, datas: list[Experime
     uri = settings.tracking_uri(artifacts.root)
     run_ids = {}
     try:
-        tracker = Tracker(uri)
+        tracker = Tracker.open(uri, [settings.tracking.experiment_prefix + d.name for d in datas],
+                               settings.tracking.timeout)
+    except ServiceError:
+        raise
     except Exception as err:  # noqa: BLE001 — re-raised with the URI
         raise ReportError(f"cannot open MLflow tracking URI {uri}: {type(err).__name__}: {err}") from err
     for data in datas:

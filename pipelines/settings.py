@@ -213,6 +213,8 @@ class TrackingSettings(Strict):
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; relative sqlite paths are from the DVC "
                      "project's root (the one `dvc exp run --temp/--queue` started from)")
     experiment_prefix: str = ""
+    timeout: float = Field(30.0, gt=0, description="seconds a stage waits for the store (a server's /health, a "
+                           "locked SQLite file) before it stops with one line naming it")
 
 
 class Settings(Strict):

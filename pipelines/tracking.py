@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -137,8 +138,66 @@ def provenance_tags(settings: Any, source: str, root: Path | None = None, *, dev
     return tags
 
 
+def check_store(uri: str, timeout: float = 30.0) -> None:
+    """Fail fast, in one :class:`pipelines.ServiceError` line that names the store, its address and what to do,
+    when the tracking store cannot be used: an http(s) server that does not answer its /health within
+    ``timeout`` seconds, a SQLite file that is not a database (truncated, corrupt) or is locked by another
+    process for longer than ``timeout``. Without it MLflow retries for minutes, then prints a long traceback."""
+    from pipelines import ServiceError
+
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        url = uri.rstrip("/") + "/health"
+        try:
+            reply = requests.get(url, timeout=timeout)
+        except requests.RequestException as err:
+            reason = type(err).__name__ if not str(err) else " ".join(str(err).split())[:200]
+            raise ServiceError(f"MLflow tracking server at {uri} is not reachable ({reason}; waited up to "
+                               f"{timeout:g} s, tracking.timeout): start it (e.g. `mlflow server --host 127.0.0.1 "
+                               f"--port {urlsplit(uri).port or 80}`) or point tracking.uri at a running one") from None
+        if reply.status_code != 200:
+            raise ServiceError(f"MLflow tracking server at {uri} answered /health with HTTP {reply.status_code}: "
+                               "is it an MLflow server? check tracking.uri") from None
+        return
+    if uri.startswith("sqlite:///"):
+        import sqlite3
+
+        path = Path(uri[len("sqlite:///"):])
+        if not path.exists() or path.stat().st_size == 0:
+            return  # a new store: MLflow creates it
+        try:
+            con = sqlite3.connect(str(path), timeout=timeout)
+            try:
+                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                con.execute("BEGIN IMMEDIATE")  # waits up to `timeout` for another writer's lock
+                con.rollback()
+            finally:
+                con.close()
+        except sqlite3.DatabaseError as err:
+            what = str(err)
+            if "locked" in what or "busy" in what:
+                raise ServiceError(f"MLflow store {path} is locked by another process ({what}, waited "
+                                   f"{timeout:g} s, tracking.timeout): wait for it to finish or stop it "
+                                   "(e.g. a stage still running, an `mlflow ui` mid-write)") from None
+            raise ServiceError(f"MLflow store {path} is not a usable SQLite database ({what}): restore it from a "
+                               "backup, or move it aside to start a new store") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Tracker:
-    """A thin, explicit wrapper over MlflowClient for one tracking URI."""
+    """A thin, explicit wrapper over MlflowClient for one tracking URI. Every run it starts carries the host and
+    process that own it (``deqsm.host``, ``deqsm.pid``): :meth:`end_stale_runs` ends the RUNNING runs whose
+    owner is gone (a SIGKILL, a power cut) as KILLED."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
@@ -146,6 +205,66 @@ class Tracker:
             Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=uri)
+
+    @classmethod
+    def open(cls, uri: str, experiments: list[str] | tuple[str, ...] = (), timeout: float = 30.0) -> "Tracker":
+        """A stage's tracker: the store checked (:func:`check_store`) before the stage does any work, and the
+        stale runs of ``experiments`` ended (:meth:`end_stale_runs`)."""
+        check_store(uri, timeout)
+        if uri.startswith(("http://", "https://")):  # later calls fail within the same bound, not after retries
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, timeout))))
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        tracker = cls(uri)
+        for name in experiments:
+            ended = tracker.end_stale_runs(name)
+            if ended:
+                print(f"mlflow: {name}: ended {len(ended)} stale RUNNING run(s) as KILLED (their process is gone)",
+                      flush=True)
+        return tracker
+
+    def end_stale_runs(self, experiment: str) -> list[str]:
+        """End as KILLED, with a ``failure_reason``, the RUNNING runs of ``experiment`` whose process is gone: one
+        on this host that no longer runs, or one that records no owner (a run from before owners were recorded).
+        Runs of live processes, and of other hosts, are left alone. Returns the ids ended."""
+        host = socket.gethostname()
+        ended = []
+        for run in self.runs(experiment, "attributes.status = 'RUNNING'"):
+            tags = run.data.tags
+            pid, owner = tags.get("deqsm.pid"), tags.get("deqsm.host")
+            if owner is not None and owner != host:
+                continue
+            if pid is not None and pid.isdigit() and _alive(int(pid)):
+                continue
+            why = (f"stale: its process ({owner}, pid {pid}) ended without closing the run (killed?)" if pid
+                   else "stale: RUNNING with no owner process recorded")
+            self.end_run(run.info.run_id, "KILLED", failure_reason=why)
+            ended.append(run.info.run_id)
+        return ended
+
+    def end_own_runs(self, experiment: str, status: str = "KILLED", failure_reason: str | None = None) -> list[str]:
+        """End this process's RUNNING runs of ``experiment`` (an interrupted stage: its trial runs too)."""
+        mine = (socket.gethostname(), str(os.getpid()))
+        ended = []
+        for run in self.runs(experiment, "attributes.status = 'RUNNING'"):
+            if (run.data.tags.get("deqsm.host"), run.data.tags.get("deqsm.pid")) == mine:
+                self.end_run(run.info.run_id, status, failure_reason=failure_reason)
+                ended.append(run.info.run_id)
+        return ended
+
+    def run_or_new(self, run_id: str | None, experiment: str, name: str, tags: dict[str, str]) -> tuple[str, bool]:
+        """``run_id`` when the store holds it; else a new run (tagged ``missing_run_id``) in ``experiment``: the
+        store was deleted or tracking.uri changed since the run was made. Returns (run id, whether it is new)."""
+        if run_id:
+            try:
+                self.client.get_run(run_id)
+                return run_id, False
+            except mlflow.exceptions.MlflowException:
+                pass
+        return self.start_run(experiment, name, None, {**tags, "missing_run_id": run_id or "none"}), True
+
+    def claim(self, run_id: str) -> None:
+        """Record this process as the owner of ``run_id`` (a resumed search logging to an earlier trial's run)."""
+        self.set_tags(run_id, {"deqsm.host": socket.gethostname(), "deqsm.pid": str(os.getpid())})
 
     def __reduce__(self):  # Ray pickles Tune callbacks with the experiment state: carry the URI only
         return (Tracker, (self.uri,))
@@ -163,7 +282,7 @@ class Tracker:
 
     def start_run(self, experiment: str, name: str, params: dict[str, Any] | None = None,
                   tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
-        all_tags = dict(tags or {})
+        all_tags = {"deqsm.host": socket.gethostname(), "deqsm.pid": str(os.getpid()), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=all_tags)
@@ -252,8 +371,11 @@ class Tracker:
         self.set_tags(run_id, {"best_variant": best})
 
     def end_run(self, run_id: str, status: str = "FINISHED", failure_reason: str | None = None) -> None:
+        """End a run; a FINISHED run keeps no ``failure_reason`` of an earlier, interrupted attempt."""
         if failure_reason:
             self.set_tags(run_id, {"failure_reason": failure_reason[:5000]})
+        elif status == "FINISHED" and "failure_reason" in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, "failure_reason")
         self.client.set_terminated(run_id, status=RunStatus.to_string(getattr(RunStatus, status)))
 
     def runs(self, experiment: str, filter_string: str = "") -> list:

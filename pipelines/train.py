@@ -67,14 +67,14 @@ def train_experiment(settings: Settings, name: str) -> None:
     from deqsm.train import TrainSettings
     from pipelines.tracking import Tracker, provenance_tags
 
+    mlflow_exp = settings.tracking.experiment_prefix + name
+    tracker = Tracker.open(settings.tracking_uri(), [mlflow_exp], settings.tracking.timeout)
     artifacts = Artifacts.of(settings)
     best_file = artifacts.tune_best(name)
     if not best_file.exists():
         raise FileNotFoundError(f"{best_file} is missing: run the tune stage first (dvc repro tune@{name})")
     best = json.loads(best_file.read_text())["best"]
     splits = load_splits(artifacts, settings.experiments[name].dataset)
-    tracker = Tracker(settings.tracking_uri())
-    mlflow_exp = settings.tracking.experiment_prefix + name
     tags = provenance_tags(settings, "pipelines.train")
     parent = tracker.start_run(mlflow_exp, f"train-{time.strftime('%Y%m%d-%H%M%S')}", {}, {"stage": "train", **tags})
     best_val: dict[str, float] = {}

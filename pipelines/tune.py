@@ -66,15 +66,17 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(names) - set(settings.experiments))
     if unknown:
         raise ParamsError(f"unknown experiment(s) {unknown}; in params.yaml: {', '.join(settings.experiments)}")
-    # Check every input before any work starts (a missing or corrupt dataset fails here).
+    # Check every input and service before any work starts (a missing or corrupt dataset, an unreachable store).
+    from pipelines.tracking import Tracker, provenance_tags
+
+    tracker = Tracker.open(settings.tracking_uri(), [settings.tracking.experiment_prefix + n for n in names],
+                           settings.tracking.timeout)
     artifacts = Artifacts.of(settings)
     splits = {name: load_splits(artifacts, settings.experiments[name].dataset) for name in names}
     check_models_build(settings, names, splits)
 
     from pipelines.ray_search import ray_session, run_search
-    from pipelines.tracking import Tracker, provenance_tags
 
-    tracker = Tracker(settings.tracking_uri())
     storage = artifacts.ray_storage
     failures: list[str] = []
     with ray_session(settings) as resources:
@@ -97,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
                 interrupted = isinstance(err, KeyboardInterrupt)
                 tracker.end_run(parent, "KILLED" if interrupted else "FAILED",
                                 failure_reason=None if interrupted else f"{type(err).__name__}: {err}")
+                # the trials cut short (Ray calls no callback for them): KILLED too, not RUNNING forever
+                tracker.end_own_runs(mlflow_exp, "KILLED", failure_reason="the tune stage was interrupted; "
+                                     "the next run resumes this trial" if interrupted else f"{type(err).__name__}")
                 raise
             missing = sorted(set(exp.variants) - set(outcome.best))
             reason = "; ".join(f"{v}: {', '.join(outcome.failed.get(v, ['no result']))}" for v in missing) or None

@@ -78,3 +78,115 @@ def test_check_names_an_undeclared_dataset_in_one_line_without_dumping_params(tm
     assert "experiments.nice-digits.dataset 'mnist' is not prepared by the data section" in proc.stderr
     assert "declare it under data.datasets" in proc.stderr
     assert len(proc.stderr) < 600, "the message names the key; it does not dump params.yaml"
+
+
+# --- the MLflow store: fail fast, stale runs, a missing training run ------------------------------------------
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed once the socket is: nothing listens there
+
+
+def test_a_server_that_is_down_fails_fast_naming_it():
+    from pipelines import ServiceError
+    from pipelines.tracking import check_store
+
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    try:
+        check_store(uri, timeout=5)
+    except ServiceError as err:
+        msg = str(err)
+    else:
+        raise AssertionError("no error for a server that is down")
+    assert time.monotonic() - t0 < 6
+    assert uri in msg and "not reachable" in msg and "mlflow server --host 127.0.0.1" in msg and "\n" not in msg
+
+
+def test_a_truncated_or_locked_sqlite_store_is_one_clear_error(tmp_path):
+    import sqlite3
+
+    from pipelines import ServiceError
+    from pipelines.tracking import Tracker, check_store
+
+    good = tmp_path / "mlflow.db"
+    Tracker(f"sqlite:///{good}").experiment_id("e")  # a real store
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(good.read_bytes()[:1000])  # truncated mid-header page: not a database any more
+    try:
+        check_store(f"sqlite:///{broken}", timeout=1)
+        raise AssertionError("no error for a truncated store")
+    except ServiceError as err:
+        assert str(broken) in str(err) and "not a usable SQLite database" in str(err)
+    holder = sqlite3.connect(str(good))
+    holder.execute("BEGIN EXCLUSIVE")  # another process mid-write
+    try:
+        t0 = time.monotonic()
+        try:
+            check_store(f"sqlite:///{good}", timeout=1)
+            raise AssertionError("no error for a locked store")
+        except ServiceError as err:
+            assert "is locked by another process" in str(err) and str(good) in str(err)
+        assert time.monotonic() - t0 < 5
+    finally:
+        holder.rollback()
+        holder.close()
+    check_store(f"sqlite:///{good}", timeout=1)  # released: fine
+
+
+def test_a_stage_with_its_store_down_exits_3_in_one_line_before_any_work(tmp_path):
+    """The train stage with tracking.uri at a server that is down: one line naming it, exit 3, within
+    tracking.timeout (was: 251 s of retries, then a 115-line traceback)."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["tracking"] = {"uri": f"http://127.0.0.1:{_closed_port()}", "timeout": 5}
+    raw["base"]["out"] = str(tmp_path / "out")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.train", "--params", str(tmp_path / "params.yaml"),
+                           "--experiment", "dkef-mixture"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "MLflow tracking server at http://127.0.0.1:" in proc.stderr
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "out" / "models").exists(), "nothing was written"
+
+
+def test_runs_of_a_killed_process_end_killed_and_live_ones_stay(tmp_path):
+    """SIGKILL leaves an MLflow run RUNNING; the next stage's Tracker.open ends it KILLED with a reason. A run of
+    a process that still lives (this one) is left alone; a FINISHED run sheds an earlier failure_reason."""
+    from pipelines.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom pipelines.tracking import Tracker\n"
+        f"t = Tracker({uri!r})\nprint(t.start_run('exp', 'doomed'), flush=True)\ntime.sleep(120)\n")],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    doomed = child.stdout.readline().strip()
+    child.kill()
+    child.wait(timeout=30)
+    tracker = Tracker(uri)
+    alive = tracker.start_run("exp", "alive")
+    assert tracker.client.get_run(doomed).info.status == "RUNNING"
+    Tracker.open(uri, ["exp"], timeout=5)
+    run = tracker.client.get_run(doomed)
+    assert run.info.status == "KILLED" and run.data.tags["failure_reason"].startswith("stale: its process")
+    assert tracker.client.get_run(alive).info.status == "RUNNING"
+    tracker.end_run(alive, "KILLED", failure_reason="interrupted")
+    tracker.end_run(alive, "FINISHED")  # resumed and finished: the old reason no longer holds
+    assert "failure_reason" not in tracker.client.get_run(alive).data.tags
+
+
+def test_evaluate_logs_to_a_new_run_when_the_store_lacks_the_training_run(tmp_path):
+    """A model trained against another store (deleted, or tracking.uri changed): evaluate still logs, to a new
+    run that names the missing one (was: "Run with id=... not found")."""
+    from pipelines.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id, new = tracker.run_or_new("0123456789abcdef0123456789abcdef", "exp", "deq-evaluate", {"stage": "evaluate"})
+    assert new and tracker.client.get_run(run_id).data.tags["missing_run_id"] == "0123456789abcdef0123456789abcdef"
+    again, new = tracker.run_or_new(run_id, "exp", "deq-evaluate", {})
+    assert again == run_id and not new
