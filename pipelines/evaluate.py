@@ -79,6 +79,9 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
         print(f"{name}/{variant}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                                                 if isinstance(v, float) and k.startswith("test")), flush=True)
     write_json(artifacts.metrics(name), results)
+    for grid in artifacts.samples_dir(name).glob("*.png"):  # a persist out: drop the grids of variants now gone
+        if grid.stem not in results:
+            grid.unlink()
     return results
 
 

@@ -116,6 +116,9 @@ def run_report(settings: Settings, params: Path, root: Path | None = None, memor
     bench_path = memory_jsonl or artifacts.memory_bench
     bench = read_memory_bench(bench_path, artifacts.rel_to_root(bench_path))
     fidelity = {d.name: d.fidelity for d in datas if d.fidelity}
+    from pipelines.tracking import check_store
+
+    check_store(settings.tracking_uri(artifacts.root), settings.tracking.timeout)  # before anything is written
 
     all_rows, tables = {}, {}
     for data in datas:

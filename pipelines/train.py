@@ -62,6 +62,14 @@ def write_curve_plots(artifacts: Artifacts, name: str, curves: dict[str, CurveLo
         write_csv(artifacts.curve_plot(name, key), ["step", "variant", key], rows)
 
 
+def prune(paths: list[Path], keep: set[str]) -> None:
+    """Remove the files of variants that are gone (the outputs are DVC ``persist``: DVC no longer clears them)."""
+    for path in paths:
+        if path.stem not in keep:
+            path.unlink()
+            print(f"removed {path} (variant {path.stem!r} is no longer trained)", flush=True)
+
+
 def train_experiment(settings: Settings, name: str) -> None:
     from deqsm.experiments import VariantSpec, SolverRecorder, train_model
     from deqsm.train import TrainSettings
@@ -113,6 +121,7 @@ def train_experiment(settings: Settings, name: str) -> None:
         best_val[variant] = fit.best_val_loss
         tracker.end_run(run_id, "FINISHED")
     write_curve_plots(artifacts, name, curves)
+    prune(artifacts.models(name) + sorted(artifacts.curve(name, "_").parent.glob("*.csv")), keep=set(best))
     tracker.log_best(parent, "val_loss", "min", best_val)  # the best validation loss of each variant
     tracker.end_run(parent, "FINISHED")
 
