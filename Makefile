@@ -5,7 +5,6 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PYTHONUNBUFFERED ?= 1
 

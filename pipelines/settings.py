@@ -130,6 +130,8 @@ class TuneSettings(Strict):
     steps: int = Field(200, ge=1, description="training steps per trial (the train stage uses train.steps)")
     max_failures: int = Field(2, ge=0, description="retries of a crashed trial, from its last checkpoint")
     address: str | None = Field(None, description="Ray cluster to join; RAY_ADDRESS overrides; null: local")
+    connect_timeout: float = Field(30.0, gt=0, description="seconds the Ray cluster at address (or RAY_ADDRESS) "
+                                   "has to accept a connection before the stage fails (exit 3)")
     num_cpus: int | None = Field(2, ge=1, description="CPUs of a local Ray instance")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray instance (null: detect)")
 
@@ -305,5 +307,4 @@ def main_guard(fn) -> None:
         sys.exit(130)
 
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -69,7 +69,7 @@ def stop_group(proc: subprocess.Popen, timeout: float = 60) -> None:
 def env() -> dict[str, str]:
     """The test's own interpreter first on PATH (DVC stages run `python -m pipelines.<stage>`)."""
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "disabled",
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
             "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t",
             "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
