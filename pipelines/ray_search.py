@@ -77,8 +77,9 @@ def ray_session(settings: Settings) -> Iterator[dict]:
                 reason = " ".join((getattr(err, "message", None) or str(err) or type(err).__name__).split())
                 raise ServiceError(
                     f"could not join the Ray cluster at {address} ({source}): {reason.rstrip('.')}; it accepts "
-                    "connections, so the usual cause is a token that is not the cluster's: set RAY_AUTH_TOKEN to "
-                    "the one its nodes were started with (`ray get-auth-token` on the head node prints it)") from None
+                    "connections, so the usual cause is a token that is not the cluster's (else the address is not "
+                    "a Ray head's port): set RAY_AUTH_TOKEN to the one its nodes were started with "
+                    "(`ray get-auth-token` on the head node prints it)") from None
         else:
             if not os.environ.get("RAY_AUTH_TOKEN"):  # a token for this run only: nobody else knows it
                 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
