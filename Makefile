@@ -6,7 +6,6 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # ($(CURDIR), not $(abspath): a project path with a space is one word)
 export PATH := $(if $(filter /%,$(VENV)),$(VENV),$(CURDIR)/$(VENV))/bin:$(PATH)
-export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PYTHONUNBUFFERED ?= 1
 

@@ -132,6 +132,8 @@ class TuneSettings(Strict):
     allow_missing_variants: bool = Field(False, description="false: a variant without a finished trial fails the "
                                          "stage; true: it is left out of the train stage with a warning")
     address: str | None = Field(None, description="Ray cluster to join; RAY_ADDRESS overrides; null: local")
+    connect_timeout: float = Field(30.0, gt=0, description="seconds the Ray cluster at address (or RAY_ADDRESS) "
+                                   "has to accept a connection before the stage fails (exit 3)")
     num_cpus: int | None = Field(2, ge=1, description="CPUs of a local Ray instance")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray instance (null: detect)")
 
@@ -349,5 +351,4 @@ def main_guard(fn) -> None:
         sys.exit(3)
 
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

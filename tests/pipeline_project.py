@@ -69,9 +69,25 @@ def stop_group(proc: subprocess.Popen, timeout: float = 60) -> None:
 def env() -> dict[str, str]:
     """The test's own interpreter first on PATH (DVC stages run `python -m pipelines.<stage>`)."""
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "disabled",
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
             "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t",
             "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+_DRIVER = """import sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+print("task result:", ray.get(ray.remote(lambda: 6 * 7).remote(), timeout=60), flush=True)
+"""
+
+
+def ray_driver(address: str, home: Path, **auth: str | None) -> subprocess.Popen:
+    """A Ray driver in its own process that joins ``address`` and runs one task (printing ``task result: 42``).
+    Its Ray auth settings are exactly ``auth`` (RAY_AUTH_MODE / RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH; None or
+    absent: unset), and HOME is ``home``, so no default token file (~/.ray/auth_token) is found by accident."""
+    environ = {k: v for k, v in env().items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    environ.update({k: v for k, v in auth.items() if v is not None}, HOME=str(home))
+    return subprocess.Popen([sys.executable, "-c", _DRIVER, address], env=environ, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:

@@ -24,6 +24,22 @@ def test_cluster_file_is_valid():
     assert "~/deqsm" in cfg["file_mounts"]
 
 
+def test_every_ray_start_runs_with_token_auth():
+    """Ray's ports listen on all interfaces: each node starts with token authentication and reads the token that
+    file_mounts brings from the machine running `ray up` (never a token written in this file)."""
+    cfg = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    commands = [c for key, value in cfg.items() if key.endswith("_commands") for c in value]
+    commands += [c for t in cfg["available_node_types"].values() for key, value in t.items()
+                 if key.endswith("_commands") for c in value]
+    starts = [c for c in commands if "ray start" in c]
+    assert any("--head" in c for c in starts) and any("--address=" in c for c in starts), starts
+    for command in starts:
+        assert command.startswith("RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.ray/auth_token ray start "), command
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "RAY_AUTH_TOKEN=" not in (ROOT / "ray_cluster.yaml").read_text()
+    assert "disabled" not in (ROOT / "ray_cluster.yaml").read_text()
+
+
 def test_schema_rejects_a_typo():
     cfg = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
     cfg["available_node_types"]["gpu_worker"]["node_confg"] = cfg["available_node_types"]["gpu_worker"].pop("node_config")

@@ -1,13 +1,13 @@
 """Reliability (issue 7): each fault is provoked for real — bad params, NaN losses and a failing DEQ solver in
 Ray trials, a SIGKILLed trial worker, a SIGINTed `dvc repro`, corrupt prepared data, two runs of the same
 seed — with real git + DVC, a real local Ray and a real MLflow SQLite store; and the security rules (services
-on 127.0.0.1, checkpoints loaded with weights_only, no eval / pickle of user files) are checked.
+on 127.0.0.1, Ray with token authentication, checkpoints loaded with weights_only, no eval / pickle of user
+files) are checked, and an unreachable Ray cluster stops the tune stage at once with one line.
 
 Layout (about 3 minutes on 2 idle cores, 5 on busy ones): fast checks first; then one local Ray in this
 process for the trial faults (tune stage called in-process); then three copies of a one-experiment project
 run `dvc repro` concurrently — A and C uninterrupted, B interrupted with SIGINT and repro'd again — and A / B /
-C then serve the determinism, resume, data-fault and bad-params-under-DVC checks. One xfail(strict) test
-records a known issue left open (see its reason); it turns into a failure once fixed, to be unmarked.
+C then serve the determinism, resume, data-fault and bad-params-under-DVC checks.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline_project import ROOT, env, free_port, make_project, run, stop_group, tiny_params
+from pipeline_project import ROOT, env, free_port, make_project, ray_driver, run, stop_group, tiny_params
+from pipelines import ServiceError
 from pipelines.settings import ParamsError, load_params
 
 EXP = "dkef-mixture"
@@ -244,6 +245,63 @@ def test_make_ui_serves_mlflow_on_loopback_only(tmp_path):
         stop_group(server, timeout=30)
 
 
+def test_unreachable_ray_cluster_fails_fast_naming_it(tmp_path, monkeypatch):
+    """Where nothing listens at tune.address (or RAY_ADDRESS), ray_session says so within tune.connect_timeout,
+    instead of Ray's retries for ~14 minutes; without the cluster's token it says that, before connecting."""
+    import ray
+
+    from pipelines.ray_search import ray_session
+    from pipelines.settings import Settings
+
+    assert not ray.is_initialized(), "runs before the module's local Ray (ray_session would use that one)"
+    port = free_port()
+    before = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    settings = Settings.model_validate(_one_experiment(**{"tune.address": f"127.0.0.1:{port}",
+                                                          "tune.connect_timeout": 2}))
+    t0 = time.monotonic()
+    with pytest.raises(ServiceError) as err:
+        with ray_session(settings):
+            pass
+    assert time.monotonic() - t0 < 2 + 3
+    assert str(err.value).startswith(f"Ray cluster at 127.0.0.1:{port} (tune.address) is not reachable (connection "
+                                     "refused after 0.0 s; tune.connect_timeout 2 s): start it (`ray up "
+                                     "ray_cluster.yaml` / `ray start --head`) or set tune.address: null"), err.value
+    assert {k: os.environ.get(k) for k in before} == before, "the environment is restored"
+
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(ServiceError, match=rf"127\.0\.0\.1:{port} \(RAY_ADDRESS\) is not reachable.*unset it"):
+        with ray_session(Settings.model_validate(_one_experiment())):
+            pass
+    monkeypatch.delenv("RAY_ADDRESS")
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token either
+    with pytest.raises(ServiceError, match=rf"cluster at 127\.0\.0\.1:{port} \(tune.address\) needs its token.*"
+                                          rf"no RAY_AUTH_TOKEN and no {re.escape(str(tmp_path))}/.ray/auth_token"):
+        with ray_session(settings):
+            pass
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(ServiceError, match=r"needs its token.*RAY_AUTH_TOKEN_PATH=.*missing"):
+        with ray_session(settings):
+            pass
+
+
+def test_tune_stage_exits_3_with_one_line_when_the_ray_cluster_is_unreachable(tmp_path):
+    port = free_port()
+    params = _prepared_project(tmp_path, _one_experiment(**{"tune.address": f"127.0.0.1:{port}",
+                                                            "tune.connect_timeout": 5}))
+    proc = subprocess.run([sys.executable, "-m", "pipelines.tune", "--params", str(params)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 3, proc.stderr
+    # the only error line, and the last (MLflow logs its store's creation before: tune.py opens it before Ray)
+    lines = proc.stderr.strip().splitlines()
+    assert sum(ln.startswith("error:") for ln in lines) == 1 and lines[-1:] == [
+        f"error: Ray cluster at 127.0.0.1:{port} (tune.address) is not reachable (connection refused after 0.0 s; "
+        "tune.connect_timeout 5 s): start it (`ray up ray_cluster.yaml` / `ray start --head`) or set tune.address: "
+        "null for a local Ray"], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "tune").exists(), "no Ray results"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Trial faults, on one local Ray started in this process (pipelines.ray_search.ray_session, the stage's own)
 # --------------------------------------------------------------------------------------------------------------
@@ -251,7 +309,8 @@ def test_make_ui_serves_mlflow_on_loopback_only(tmp_path):
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     """The project's local Ray (ray_session); its workers inherit DEQSM_TRIAL_PID_DIR, so each trial writes its
-    process id where a test can find it. The variable is set only while Ray starts."""
+    process id where a test can find it. The variable is set only while Ray starts. RAY_AUTH_TOKEN is unset, as
+    for `make run`: the session makes its own token (in os.environ while it lasts) and unsets it afterwards."""
     import ray
 
     from pipelines.ray_search import ray_session
@@ -259,17 +318,24 @@ def local_ray(tmp_path_factory):
 
     pid_dir = tmp_path_factory.mktemp("trial-pids")
     settings = Settings.model_validate(_one_experiment())
+    session_token = os.environ.pop("RAY_AUTH_TOKEN")  # conftest's, for clusters started with `ray start`
     os.environ["DEQSM_TRIAL_PID_DIR"] = str(pid_dir)
     try:
         session = ray_session(settings)
         session.__enter__()
+    except BaseException:
+        os.environ["RAY_AUTH_TOKEN"] = session_token
+        raise
     finally:
         del os.environ["DEQSM_TRIAL_PID_DIR"]
     try:
         yield pid_dir
     finally:
         session.__exit__(None, None, None)
+        restored = os.environ.get("RAY_AUTH_TOKEN")
+        os.environ["RAY_AUTH_TOKEN"] = session_token
     assert not ray.is_initialized()
+    assert restored is None, "ray_session restores the environment: its token is gone with it"
 
 
 def _ray_processes() -> set[int]:
@@ -278,14 +344,33 @@ def _ray_processes() -> set[int]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known issue, not fixed here: Ray core (GCS, raylet, workers) binds its gRPC "
-                   "ports on all interfaces; Ray 2.60 has no option to bind them to 127.0.0.1, and the project runs "
-                   "with RAY_AUTH_MODE=disabled (only the dashboard is off)")
-def test_local_ray_listens_on_loopback_only(local_ray):
+@pytest.mark.timeout(300)
+def test_local_ray_runs_only_for_clients_with_its_token(local_ray, tmp_path):
+    """Ray core (GCS, raylet, workers) binds its gRPC ports on all interfaces (Ray 2.60 has no option to bind
+    them to 127.0.0.1), so the token is what keeps other hosts out: ray_session's local Ray runs with token
+    authentication and a token made for this session, and a client without it or with another one cannot even
+    connect. No dashboard either."""
+    import ray
+
+    token = os.environ["RAY_AUTH_TOKEN"]
+    assert os.environ["RAY_AUTH_MODE"] == "token" and re.fullmatch(r"[0-9a-f]{64}", token), "a fresh random token"
     found = _listening(_ray_processes())
     assert found, "no listening Ray process found"
     assert not any(port == 8265 for _, port, _ in found), "include_dashboard=False: no dashboard"
-    assert {ip for ip, _, _ in found} <= {"127.0.0.1", "::1"}, sorted(found)
+    core = [p for p in psutil.Process().children(recursive=True) if p.name() in ("gcs_server", "raylet")]
+    assert len(core) == 2 and all(p.environ().get("RAY_AUTH_MODE") == "token"
+                                  and p.environ().get("RAY_AUTH_TOKEN") == token for p in core)
+    address = ray.get_runtime_context().gcs_address
+    t0 = time.monotonic()
+    drivers = {"no token": ray_driver(address, tmp_path),
+               "token mode, no token": ray_driver(address, tmp_path, RAY_AUTH_MODE="token"),
+               "wrong token": ray_driver(address, tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)}
+    for name, proc in drivers.items():
+        out = proc.communicate(timeout=180)[0]
+        assert proc.returncode != 0 and "task result" not in out, f"{name}:\n{out[-3000:]}"
+        assert re.search(r"Failed to connect to Ray cluster|no authentication token was found", out), \
+            f"{name}:\n{out[-3000:]}"
+    assert time.monotonic() - t0 < 120
 
 
 def test_model_that_does_not_fit_its_data_stops_the_tune_stage_before_ray_starts(tmp_path):
