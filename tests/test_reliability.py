@@ -410,19 +410,20 @@ def _prepared_project(tmp_path: Path, raw: dict) -> Path:
 def test_nan_and_solver_failures_fail_their_trials_only(local_ray, tmp_path, capsys):
     """`mixed`: per variant, lr 1e-3 and 1e6 (NaN at step 2); the DEQ solver may do one iteration and training
     stops at the first step that misses tol. `doomed`: only the DEQ variant. mixed finishes (explicit-2 at lr
-    1e-3), doomed has no finished trial: the stage exits 1 naming it, with each cause."""
+    1e-3) with tune.allow_missing_variants (without it, the variant with no finished trial fails the stage);
+    doomed has no finished trial: the stage exits 1 naming it, with each cause."""
     from pipelines import tune as tune_stage
 
     raw = _one_experiment(**{"tune.search_space": {"train.lr": {"grid": [1.0e-3, 1.0e6]}}, "tune.steps": 12,
                              "tune.max_failures": 0, "deq.max_iter": 1, "deq.tol": 1.0e-8,
-                             "train.max_nonconverged_steps": 1})
+                             "train.max_nonconverged_steps": 1, "tune.allow_missing_variants": True})
     exp = raw["experiments"].pop(EXP)
     raw["experiments"] = {"mixed": exp, "doomed": {**exp, "variants": {"deq": {"variant": "deq"}}}}
     params = _prepared_project(tmp_path, raw)
 
     tune_stage.main(["--params", str(params), "--experiment", "mixed"])  # returns: the stage succeeds
     out = capsys.readouterr()
-    assert "warning: mixed: no finished trial for variant(s) ['deq']" in out.err
+    assert "warning: mixed: no finished trial for variant(s) ['deq'], left out (tune.allow_missing_variants)" in out.err
     assert "the DEQ solver missed its tolerance for 1 consecutive steps" in out.err
     assert "FAILED: " in out.out and "non-finite loss (nan) at step 2" in out.out
     best = json.loads((tmp_path / "out" / "tune" / "mixed" / "best.json").read_text())
@@ -452,6 +453,17 @@ def test_nan_and_solver_failures_fail_their_trials_only(local_ray, tmp_path, cap
     assert "tune failed:\n  doomed: no trial finished — deq: " in err and "missed its tolerance" in err
     doomed = tracker.runs("doomed")
     assert sorted(r.info.status for r in doomed) == ["FAILED"] * 3, "two trials and their parent"
+
+    # By default a variant with no finished trial is an error, not a row that silently disappears.
+    raw["tune"]["allow_missing_variants"] = False
+    _write(params, raw)
+    with pytest.raises(SystemExit) as stop:
+        tune_stage.main(["--params", str(params), "--experiment", "mixed"])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "mixed: no finished trial for variant(s) ['deq']" in err and "tune.allow_missing_variants: true" in err
+    parents = [r for r in tracker.runs("mixed") if "ray_trial_id" not in r.data.tags]
+    assert sorted(r.info.status for r in parents) == ["FAILED", "FINISHED"]
 
 
 def _trial_lines(run_dir: Path) -> list[dict]:
