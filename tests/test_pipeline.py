@@ -201,3 +201,33 @@ def test_experiments_compare_in_dvc_exp_show_metrics_diff_and_plots_diff(project
     assert all(v["train_loss"] not in ("", None) for v in values), "no blank (drawn as 0) in a plotted column"
     assert data["content"]["encoding"]["color"]["field"] == "variant"
     assert data["content"]["encoding"]["y"]["title"].startswith("training loss")
+
+
+def test_a_queued_experiment_runs_in_a_copy_and_logs_to_the_projects_store(project):
+    """`dvc exp run --queue` + `dvc queue start` (and --temp, the same executor) run in a temporary copy: the
+    committed .dvc/config has no relative site_cache_dir (it failed "unable to open database file"), and the
+    relative tracking store resolves from DVC_ROOT, the project the run was queued from."""
+    import time
+
+    from pipelines.tracking import Tracker
+
+    root, _ = project
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "before queue", "--allow-empty"], root)
+    run(["dvc", "exp", "run", "--queue", "-n", "k3-queued", "-S", "deq.k=3"], root)
+    run(["dvc", "queue", "start", "-j", "1"], root)
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            status = run(["dvc", "queue", "status"], root).stdout
+            if "k3-queued" in status and not any(s in status for s in ("Queued", "Running")):
+                break
+            time.sleep(5)
+    finally:
+        run(["dvc", "queue", "stop"], root, check=False)  # the worker we started
+    assert "Success" in status, status + run(["dvc", "queue", "logs", "k3-queued"], root, check=False).stdout[-3000:]
+    runs = Tracker(f"sqlite:///{root}/out/mlflow.db").runs("nice-digits", "tags.`dvc.exp_name` = 'k3-queued'")
+    assert {r.data.tags.get("stage") for r in runs} >= {"tune", "train"}
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    shown = run(["dvc", "exp", "show", "--csv", "--no-pager"], root).stdout
+    assert "k3-queued" in shown
