@@ -44,8 +44,8 @@ def error_items(err: ValidationError, prefix: str = "", with_input: bool = True)
                       for name in e["ctx"]["unknown"]]
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            # a check across keys gets the whole section as input: the message names the keys, no dump of it
-            shown = with_input and not isinstance(e.get("input"), dict)
+            # a check across keys may get a whole section as input: the message names the keys, no dump of it
+            shown = with_input and len(repr(e.get("input"))) <= 200
             items.append((key, f"{msg} (got {e.get('input')!r})" if shown else msg))
     return items
 

@@ -346,8 +346,11 @@ def main_guard(fn) -> None:
     except Exception as err:  # noqa: BLE001 — only service faults are answered here; others keep their traceback
         if show or not _service_fault(err):
             raise
-        what = "" if isinstance(err, ServiceError) else f"{type(err).__name__}: "
-        print(f"error: {what}{_first_line(err)} (set DEQSM_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        if isinstance(err, ServiceError):  # written for the user: the service, its address, what to do
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            print(f"error: {type(err).__name__}: {_first_line(err)} (set DEQSM_TRACEBACK=1 for the traceback)",
+                  file=sys.stderr)
         sys.exit(3)
 
 

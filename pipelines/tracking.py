@@ -24,8 +24,8 @@ Tags of every run (:func:`provenance_tags`):
 Inputs and outputs: a training run logs its prepared dataset splits as MLflow dataset inputs
 (:meth:`Tracker.log_dataset_inputs`: the UI's "Datasets used"), and a trained variant is an MLflow logged
 model (:meth:`Tracker.log_model`) whose artifact is the pipeline's own model file, not a pickled module:
-``mlflow.pytorch.log_model`` pickles the whole ``nn.Module`` (loading it needs ``weights_only=False``, i.e.
-running code from the file), while the pipeline's file holds a state dict and the spec that rebuilds the
+``mlflow.pytorch.log_model`` pickles the whole ``nn.Module`` (loading it unpickles arbitrary objects, i.e.
+runs code from the file), while the pipeline's file holds a state dict and the spec that rebuilds the
 architecture. Load it with :meth:`Tracker.download_model` and :func:`pipelines.artifacts.load_model`.
 """
 from __future__ import annotations

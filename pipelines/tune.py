@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(names) - set(settings.experiments))
     if unknown:
         raise ParamsError(f"unknown experiment(s) {unknown}; in params.yaml: {', '.join(settings.experiments)}")
-    # Check every input and service before any work starts (a missing or corrupt dataset, an unreachable store).
-    from pipelines.tracking import Tracker, provenance_tags
+    # Check every input and service before anything is written (a missing or corrupt dataset, a model that does
+    # not fit its data, an unreachable or broken MLflow store, then the Ray cluster as the session starts).
+    from pipelines.tracking import Tracker, check_store, provenance_tags
 
-    tracker = Tracker.open(settings.tracking_uri(), [settings.tracking.experiment_prefix + n for n in names],
-                           settings.tracking.timeout)
+    check_store(settings.tracking_uri(), settings.tracking.timeout)
     artifacts = Artifacts.of(settings)
     splits = {name: load_splits(artifacts, settings.experiments[name].dataset) for name in names}
     check_models_build(settings, names, splits)
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     failures: list[str] = []
     with ray_session(settings) as resources:
         print(f"ray: {resources}", flush=True)
+        tracker = Tracker.open(settings.tracking_uri(), [settings.tracking.experiment_prefix + n for n in names],
+                               settings.tracking.timeout)
         for name in names:
             exp = settings.experiments[name]
             mlflow_exp = settings.tracking.experiment_prefix + name
