@@ -67,8 +67,8 @@ def ray_session(settings: Settings) -> Iterator[dict]:
         os.environ["RAY_AUTH_MODE"] = "token"
         if address:
             source = "RAY_ADDRESS" if from_env else "tune.address"
+            check_reachable(address, settings.tune.connect_timeout, source)  # first: nothing there is the likelier fault
             _require_token(address, source)
-            check_reachable(address, settings.tune.connect_timeout, source)
             _reload_ray_auth()
             try:
                 ray.init(address=address, log_to_driver=False)

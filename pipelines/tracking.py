@@ -152,9 +152,10 @@ def check_store(uri: str, timeout: float = 30.0) -> None:
         try:
             reply = requests.get(url, timeout=timeout)
         except requests.RequestException as err:
-            reason = type(err).__name__ if not str(err) else " ".join(str(err).split())[:200]
-            raise ServiceError(f"MLflow tracking server at {uri} is not reachable ({reason}; waited up to "
-                               f"{timeout:g} s, tracking.timeout): start it (e.g. `mlflow server --host 127.0.0.1 "
+            reason = (f"no answer within {timeout:g} s" if isinstance(err, requests.Timeout)
+                      else "connection refused" if "refused" in str(err).lower() else type(err).__name__)
+            raise ServiceError(f"MLflow tracking server at {uri} is not reachable ({reason}; tracking.timeout "
+                               f"{timeout:g} s): start it (e.g. `mlflow server --host 127.0.0.1 "
                                f"--port {urlsplit(uri).port or 80}`) or point tracking.uri at a running one") from None
         if reply.status_code != 200:
             raise ServiceError(f"MLflow tracking server at {uri} answered /health with HTTP {reply.status_code}: "

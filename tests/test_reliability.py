@@ -274,16 +274,25 @@ def test_unreachable_ray_cluster_fails_fast_naming_it(tmp_path, monkeypatch):
             pass
     monkeypatch.delenv("RAY_ADDRESS")
 
-    monkeypatch.delenv("RAY_AUTH_TOKEN")
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token either
-    with pytest.raises(ServiceError, match=rf"cluster at 127\.0\.0\.1:{port} \(tune.address\) needs its token.*"
-                                          rf"no RAY_AUTH_TOKEN and no {re.escape(str(tmp_path))}/.ray/auth_token"):
-        with ray_session(settings):
-            pass
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
-    with pytest.raises(ServiceError, match=r"needs its token.*RAY_AUTH_TOKEN_PATH=.*missing"):
-        with ray_session(settings):
-            pass
+    # An address that listens (reachable first, then the token): without the token, say that before joining.
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        settings = Settings.model_validate(_one_experiment(**{"tune.address": f"127.0.0.1:{port}",
+                                                              "tune.connect_timeout": 2}))
+        monkeypatch.delenv("RAY_AUTH_TOKEN")
+        monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token either
+        with pytest.raises(ServiceError, match=rf"cluster at 127\.0\.0\.1:{port} \(tune.address\) needs its token.*"
+                                              rf"no RAY_AUTH_TOKEN and no {re.escape(str(tmp_path))}/.ray/auth_token"):
+            with ray_session(settings):
+                pass
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+        with pytest.raises(ServiceError, match=r"needs its token.*RAY_AUTH_TOKEN_PATH=.*missing"):
+            with ray_session(settings):
+                pass
 
 
 def test_tune_stage_exits_3_with_one_line_when_the_ray_cluster_is_unreachable(tmp_path):
