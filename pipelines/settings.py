@@ -318,10 +318,15 @@ def _first_line(err: BaseException) -> str:
 
 def _terminate_as_interrupt(signum, frame) -> None:
     """SIGTERM (what `timeout`, Slurm and Kubernetes send) takes the SIGINT path: runs end KILLED, Ray Tune
-    stops its trials and saves its state, and the stage exits 130 as for Ctrl-C."""
+    stops its trials and saves its state, and the stage exits 130 as for Ctrl-C. The SIGINT handler is called
+    here, not SIGINT re-sent: a process started in the background inherits SIGINT ignored, and would go on."""
     import signal
 
-    os.kill(os.getpid(), signal.SIGINT)
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signal.SIGINT, frame)  # e.g. Ray Tune's during a search: stop the trials, save the state
+    else:
+        raise KeyboardInterrupt
 
 
 def main_guard(fn) -> None:

@@ -53,9 +53,11 @@ def test_traceback_on_request():
 
 def test_sigterm_takes_the_interrupt_path():
     """`timeout`, Slurm and Kubernetes stop a job with SIGTERM: the stage handles it as Ctrl-C (a
-    KeyboardInterrupt in the stage's code, so its runs end KILLED) and exits 130 without a traceback."""
+    KeyboardInterrupt in the stage's code, so its runs end KILLED) and exits 130 without a traceback, also when
+    it was started in the background with SIGINT ignored (as `cmd &` in a script does, and DVC then inherits)."""
     proc = guarded("try:\n    print('ready', flush=True)\n    time.sleep(60)\n"
-                   "except KeyboardInterrupt:\n    print('cleanup ran', file=sys.stderr)\n    raise")
+                   "except KeyboardInterrupt:\n    print('cleanup ran', file=sys.stderr)\n    raise",
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert proc.stdout.readline().strip() == "ready"
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
