@@ -1,4 +1,4 @@
-"""Orchestration: one module per DVC stage, plus the only modules that import ray (ray_search) and mlflow
+"""Orchestration: one module per DVC stage, plus the only modules that import ray (ray_search, ray_session) and mlflow
 (tracking). Shared here: reading params.yaml as YAML, for the stages that read only part of it."""
 from __future__ import annotations
 

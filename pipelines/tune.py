@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     splits = {name: load_splits(artifacts, settings.experiments[name].dataset) for name in names}
     check_models_build(settings, names, splits)
 
-    from pipelines.ray_search import ray_session, run_search
+    from pipelines.ray_search import run_search
+    from pipelines.ray_session import ray_session
 
     storage = artifacts.ray_storage
     failures: list[str] = []

@@ -84,7 +84,7 @@ def test_ray_session_joins_with_the_token_file(token_head, monkeypatch):
     """Ray's own token sources work for ray_session: here RAY_AUTH_TOKEN_PATH (no RAY_AUTH_TOKEN)."""
     import ray
 
-    from pipelines.ray_search import ray_session
+    from pipelines.ray_session import ray_session
     from pipelines.settings import Settings
 
     address, token_file = token_head

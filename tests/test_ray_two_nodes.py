@@ -67,7 +67,8 @@ def two_node_cluster(tmp_path):
 def test_trials_land_on_both_nodes(two_node_cluster, tmp_path):
     import ray
 
-    from pipelines.ray_search import ray_session, run_search
+    from pipelines.ray_search import run_search
+    from pipelines.ray_session import ray_session
     from pipelines.settings import Settings
     from pipelines.trials import trial_config
     from pipelines.tracking import Tracker

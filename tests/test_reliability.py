@@ -250,7 +250,7 @@ def test_unreachable_ray_cluster_fails_fast_naming_it(tmp_path, monkeypatch):
     instead of Ray's retries for ~14 minutes; without the cluster's token it says that, before connecting."""
     import ray
 
-    from pipelines.ray_search import ray_session
+    from pipelines.ray_session import ray_session
     from pipelines.settings import Settings
 
     assert not ray.is_initialized(), "runs before the module's local Ray (ray_session would use that one)"
@@ -312,7 +312,7 @@ def test_tune_stage_exits_3_with_one_line_when_the_ray_cluster_is_unreachable(tm
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Trial faults, on one local Ray started in this process (pipelines.ray_search.ray_session, the stage's own)
+# Trial faults, on one local Ray started in this process (pipelines.ray_session.ray_session, the stage's own)
 # --------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -322,7 +322,7 @@ def local_ray(tmp_path_factory):
     for `make run`: the session makes its own token (in os.environ while it lasts) and unsets it afterwards."""
     import ray
 
-    from pipelines.ray_search import ray_session
+    from pipelines.ray_session import ray_session
     from pipelines.settings import Settings
 
     pid_dir = tmp_path_factory.mktemp("trial-pids")
