@@ -623,7 +623,9 @@ def _interrupted_then_resumed(root: Path) -> dict:
 def projects(tmp_path_factory):
     """Three copies of the same one-experiment project, run concurrently: A and C `dvc repro` once; B is
     interrupted and repro'd again. Returns the roots and what B went through."""
-    raw = _one_experiment(**{"tune.steps": 60, "tune.search_space": {}})
+    # 600 steps: long enough that the SIGINT, sent once the driver has logged a trial's first result, lands
+    # mid-search (at 60 the trials could finish first, the driver lagging behind them under load)
+    raw = _one_experiment(**{"tune.steps": 600, "train.eval_every": 60, "tune.search_space": {}})
     roots = {k: make_project(tmp_path_factory.mktemp(f"project-{k}"), raw) for k in "ABC"}
     for root in roots.values():  # the report stage (tables, figures, a benchmark) is tested elsewhere
         dvc = yaml.safe_load((root / "dvc.yaml").read_text())
