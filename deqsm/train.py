@@ -196,6 +196,10 @@ def fit(
         history = list(state.get("history", []))
         evals_without_improvement = int(state.get("evals_without_improvement", 0))
         perm, cursor = state["perm"], int(state["cursor"])
+        resumed_times = [float(t) for t in state.get("step_seconds", [])]
+        resumed_peak, resumed_kind = int(state.get("peak_bytes", 0)), str(state.get("memory_kind", ""))
+    else:
+        resumed_times, resumed_peak, resumed_kind = [], 0, ""
 
     def save_checkpoint() -> None:
         if ckpt_path is None:
@@ -206,15 +210,19 @@ def fit(
             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
             "best_val": best_val, "best_step": best_step, "best_model": best_state, "history": history,
             "evals_without_improvement": evals_without_improvement, "perm": perm, "cursor": cursor,
+            "step_seconds": torch.tensor(step_times, dtype=torch.float64), "peak_bytes": peak,
+            "memory_kind": memory_kind,
         }, ckpt_path)
         for cb in callbacks:
             cb.on_checkpoint(step, ckpt_path)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    step_times: list[float] = []
-    peak, memory_kind = 0, "autograd_saved_bytes"
+    # Timings and peak memory cover every step, also across a resume (they are saved with the checkpoint).
+    step_times: list[float] = resumed_times
+    peak, memory_kind = resumed_peak, resumed_kind or "autograd_saved_bytes"
     nonconverged_run = 0
-    stopped_early = False
+    # A checkpoint written when early stopping fired resumes as stopped, not as more training.
+    stopped_early = settings.patience is not None and evals_without_improvement >= settings.patience
     bar = None
     if settings.progress:
         from tqdm.auto import tqdm
@@ -222,7 +230,7 @@ def fit(
         bar = tqdm(total=settings.steps, initial=step, desc="train", dynamic_ncols=True, leave=False)
     model.train()
     try:
-        while step < settings.steps:
+        while step < settings.steps and not stopped_early:
             if cursor + settings.batch_size > train.shape[0]:
                 perm, cursor = torch.randperm(train.shape[0], generator=gen), 0
             idx = perm[cursor:cursor + settings.batch_size].to(device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -37,6 +38,22 @@ from pipelines.settings import Settings, SpaceEntry  # noqa: E402
 from pipelines.trials import apply_sample, flatten  # noqa: E402
 from pipelines.tracking import Tracker, device_label, provenance_tags  # noqa: E402
 
+
+
+class _NotReportedYet(logging.Filter):
+    """Ray warns, with a traceback-like list, about every trial that has not reported a result yet whenever it
+    reads a search's folder (on resume, and after an interrupted fit). Such a trial is expected there and
+    handled by :func:`run_search`; other fetch failures still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not text.startswith("Failed to fetch metrics"):
+            return True
+        items = [ln for ln in text.splitlines()[1:] if ln.startswith("- ")]
+        return not all("both result.json and progress.csv were not found" in ln for ln in items)
+
+
+logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_NotReportedYet())
 
 
 def to_tune_domain(entry: SpaceEntry):
@@ -74,7 +91,30 @@ class _TrialReporter:
         tune.report({**self.latest, "step": step}, checkpoint=tune.Checkpoint.from_directory(str(self.ckpt_dir)))
 
 
-def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: dict) -> None:
+def _latest_checkpoint(trial_root: str | None, trial_id: str) -> Path | None:
+    """The trial's newest readable checkpoint in the search's folder (shared storage), or None.
+
+    Ray restores a trial from the checkpoint its last experiment snapshot names, and takes that snapshot every
+    10 s or so: a search killed between a trial's checkpoint (or its end) and the next snapshot would retrain
+    the trial from that older checkpoint or from scratch. A worker writes its checkpoints to storage itself
+    before it reports them, so the newest one there is where the trial really was."""
+    from deqsm.train import TrainingError, load_checkpoint
+
+    if not trial_root:
+        return None
+    found = sorted((p for d in Path(trial_root).glob(f"*_{trial_id}_*") for p in d.glob("checkpoint_*/last.pt")),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in found:
+        try:
+            load_checkpoint(path)  # a checkpoint cut short by the kill is passed over for the one before
+        except TrainingError:
+            continue
+        return path.parent
+    return None
+
+
+def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: dict,
+               trial_root: str | None = None) -> None:
     """One trial (runs in a Ray worker): train on the train split, select on the validation split. The test
     split is left to the evaluate stage, so model selection never sees it."""
     from deqsm.experiments import VariantSpec, SolverRecorder, train_model
@@ -88,8 +128,11 @@ def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: di
     pid_dir = os.environ.get("DEQSM_TRIAL_PID_DIR")
     if pid_dir:  # opt-in (tests/test_reliability.py): which process runs each trial, so a test can kill it
         Path(pid_dir, f"{tune.get_context().get_trial_id()}.pid").write_text(str(os.getpid()))
+    latest = _latest_checkpoint(trial_root, tune.get_context().get_trial_id())
     restored = tune.get_checkpoint()
-    if restored is not None:  # a retried trial resumes from its last checkpoint
+    if latest is not None:  # a retried or resumed trial goes on from its newest checkpoint
+        shutil.copytree(latest, ckpt_dir, dirs_exist_ok=True)
+    elif restored is not None:  # storage not visible from this node: the checkpoint Ray hands over
         with restored.as_directory() as d:
             shutil.copytree(d, ckpt_dir, dirs_exist_ok=True)
     recorder = SolverRecorder()
@@ -239,7 +282,8 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
     for key, entry in ts.search_space.items():
         param_space[_key(key)] = to_tune_domain(entry)
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, base_configs=base_configs, splits=splits),
+        tune.with_parameters(_trainable, base_configs=base_configs, splits=splits,
+                             trial_root=str((storage / experiment).resolve())),
         {"cpu": ts.cpus_per_trial, "gpu": ts.gpus_per_trial})
     n_evals = max(1, base_configs[next(iter(base_configs))]["train"]["steps"]
                   // base_configs[next(iter(base_configs))]["train"]["eval_every"])
@@ -264,6 +308,8 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
         # the saved trial logger too, which keeps nesting trials under the first attempt's parent run.
         if parent_file.exists():
             trials_parent = parent_file.read_text().strip()
+        print(f"{experiment}: resuming the interrupted search in {run_dir} (same configuration, data and code); "
+              "finished trials are kept, unfinished ones go on from their newest checkpoint", flush=True)
         tuner = tune.Tuner.restore(str(run_dir), trainable=trainable, resume_errored=True, param_space=param_space)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -553,6 +553,31 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(local_ray, tmp_path)
         "a step reported by both attempts has the same value (deterministic resume)"
 
 
+def test_a_trial_resumes_from_its_newest_readable_checkpoint_on_storage(tmp_path):
+    """Ray's experiment snapshot can lag a trial's checkpoints by ~10 s (and miss its end): a killed search's
+    trial goes on from the newest checkpoint its worker wrote, passing over one the kill cut short, and never
+    from another trial's."""
+    from pipelines.ray_search import _latest_checkpoint
+
+    def write(trial_dir: str, n: int, step: int, when: float, truncate: bool = False) -> Path:
+        path = tmp_path / trial_dir / f"checkpoint_{n:06d}" / "last.pt"
+        path.parent.mkdir(parents=True)
+        torch.save({"step": step}, path)
+        if truncate:
+            path.write_bytes(path.read_bytes()[:20])
+        os.utime(path, (when, when))
+        return path.parent
+
+    t = time.time()
+    write("_trainable_ab12c_00000_0_lr=0.1_2026", 0, 6, t - 30)
+    expected = write("_trainable_ab12c_00000_0_lr=0.1_2026", 1, 12, t - 20)
+    write("_trainable_ab12c_00000_0_lr=0.1_2026", 2, 18, t - 10, truncate=True)
+    write("_trainable_ab12c_00001_1_lr=0.2_2026", 0, 30, t)  # another trial's, newer
+    assert _latest_checkpoint(str(tmp_path), "ab12c_00000") == expected
+    assert _latest_checkpoint(str(tmp_path), "ab12c_00002") is None
+    assert _latest_checkpoint(None, "ab12c_00000") is None
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(300)

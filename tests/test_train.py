@@ -103,3 +103,21 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(TrainingError, match="last.pt"):
         fit(ExplicitEnergyMLP(3, 8, 1), objective, gaussian_data(), None, settings(), checkpoint_dir=tmp_path)
+
+
+def test_resume_of_a_finished_or_early_stopped_run_trains_no_further(tmp_path):
+    """A run killed after its last checkpoint (a trial whose end Ray had not recorded yet) resumes as finished:
+    no more steps, the same best model and loss, and timings that still cover the steps done before."""
+    data = gaussian_data()
+    for name, kw in (("finished", dict(steps=40, checkpoint_every=20)),
+                     ("stopped", dict(steps=2000, lr=1e-9, eval_every=5, patience=2))):
+        torch.manual_seed(0)
+        first = fit(ExplicitEnergyMLP(3, 8, 1), objective, data, data[:64], settings(**kw),
+                    checkpoint_dir=tmp_path / name)
+        rec = Recorder()
+        again = ExplicitEnergyMLP(3, 8, 1)
+        second = fit(again, objective, data, data[:64], settings(**kw), [rec], checkpoint_dir=tmp_path / name)
+        assert rec.steps == [], name
+        assert (second.steps, second.best_val_loss, second.stopped_early) == \
+            (first.steps, first.best_val_loss, first.stopped_early), name
+        assert second.step_ms_median == first.step_ms_median and second.peak_bytes == first.peak_bytes > 0, name
