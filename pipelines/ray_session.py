@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -22,7 +24,7 @@ from typing import Iterator
 import ray
 
 from pipelines import ServiceError
-from pipelines.settings import Settings
+from pipelines.settings import Settings, terminate_as_interrupt
 
 
 _AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
@@ -39,6 +41,7 @@ def ray_session(settings: Settings) -> Iterator[dict]:
     from_env = bool(os.environ.get("RAY_ADDRESS"))
     address = os.environ.get("RAY_ADDRESS") or settings.tune.address
     saved = {k: os.environ.get(k) for k in _AUTH_ENV}
+    sigterm = signal.getsignal(signal.SIGTERM)  # before ray.init replaces it
     try:
         os.environ["RAY_AUTH_MODE"] = "token"
         if address:
@@ -63,11 +66,18 @@ def ray_session(settings: Settings) -> Iterator[dict]:
             # address="local": never attach to a stale cluster file left by an earlier `ray stop`
             ray.init(address="local", num_cpus=settings.tune.num_cpus, num_gpus=settings.tune.num_gpus,
                      include_dashboard=False, log_to_driver=False)
+        # ray.init replaces the SIGTERM handler with one that exits 1 on the spot: trial runs then ended KILLED
+        # with "SystemExit", the parent FAILED, and the stage exited 255. SIGTERM takes the SIGINT path again
+        # (Ray Tune stops its trials and saves its state; the stage exits 130 and the next run resumes).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, terminate_as_interrupt)
         try:
             yield ray.cluster_resources()
         finally:
             ray.shutdown()
     finally:
+        if threading.current_thread() is threading.main_thread() and sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

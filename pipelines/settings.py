@@ -316,7 +316,7 @@ def _first_line(err: BaseException) -> str:
     return text if len(text) <= 400 else text[:400] + " …"
 
 
-def _terminate_as_interrupt(signum, frame) -> None:
+def terminate_as_interrupt(signum, frame) -> None:
     """SIGTERM (what `timeout`, Slurm and Kubernetes send) takes the SIGINT path: runs end KILLED, Ray Tune
     stops its trials and saves its state, and the stage exits 130 as for Ctrl-C. The SIGINT handler is called
     here, not SIGINT re-sent: a process started in the background inherits SIGINT ignored, and would go on."""
@@ -336,7 +336,7 @@ def main_guard(fn) -> None:
     ``DEQSM_TRACEBACK=1`` shows the traceback of a fault as well."""
     import signal
 
-    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    signal.signal(signal.SIGTERM, terminate_as_interrupt)
     show = os.environ.get("DEQSM_TRACEBACK") == "1"
     try:
         fn()

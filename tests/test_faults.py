@@ -66,6 +66,29 @@ def test_sigterm_takes_the_interrupt_path():
     assert "cleanup ran" in err and "interrupted" in err and "Traceback" not in err
 
 
+def test_sigterm_inside_a_ray_session_still_takes_the_interrupt_path():
+    """ray.init installs its own SIGTERM handler (exit at once): a tune stage stopped by SIGTERM then ended its
+    runs as "SystemExit" failures and exited 255 under DVC. Inside the session SIGTERM is the interrupt again,
+    and after it the handler the stage had is back."""
+    proc = guarded(
+        "import signal, types\nfrom pipelines.ray_session import ray_session\n"
+        "tune = types.SimpleNamespace(address=None, num_cpus=1, num_gpus=0, connect_timeout=10)\n"
+        "before = signal.getsignal(signal.SIGTERM)\n"
+        "try:\n"
+        "    with ray_session(types.SimpleNamespace(tune=tune)):\n"
+        "        print('ready', flush=True)\n        time.sleep(120)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('cleanup ran; handler restored:', signal.getsignal(signal.SIGTERM) is before, file=sys.stderr)\n"
+        "    raise", env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc, timeout=120)
+    assert code == 130, err[-2000:]
+    assert "cleanup ran; handler restored: True" in err and "Traceback" not in err
+    assert time.monotonic() - t0 < 60
+
+
 def test_check_names_an_undeclared_dataset_in_one_line_without_dumping_params(tmp_path):
     """DVC stops on the missing data/prepared/<name> before a stage runs; `make repro` runs this check first."""
     import yaml
