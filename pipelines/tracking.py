@@ -279,7 +279,9 @@ class Tracker:
         artifacts = None
         if self.uri.startswith("sqlite:///"):  # artifacts beside the database, not in the caller's cwd
             artifacts = (Path(self.uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / name).as_uri()
-        return self.client.create_experiment(name, artifact_location=artifacts)
+        # the UI's kind of experiment: model training (its runs, metrics and models), not a GenAI app's traces
+        return self.client.create_experiment(name, artifact_location=artifacts,
+                                             tags={"mlflow.experimentKind": "custom_model_development"})
 
     def start_run(self, experiment: str, name: str, params: dict[str, Any] | None = None,
                   tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:

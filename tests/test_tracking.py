@@ -64,6 +64,8 @@ def test_nested_runs_params_metrics_and_failure(mlflow_server, tmp_path):
     assert runs["explicit-0"].data.tags["failure_reason"].startswith("TrainingError: non-finite")
     assert [a.path for a in tracker.client.list_artifacts(child)] == ["curve.csv"]
     assert tracker.run_url("nice-test").startswith("http://127.0.0.1:")
+    # the UI opens it as a model-training experiment (runs, metrics, models), not as a GenAI app's traces
+    assert tracker.client.get_experiment_by_name("nice-test").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 @pytest.mark.slow
