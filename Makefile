@@ -27,7 +27,6 @@ run: setup repro
 repro: setup
 	test -d .dvc || dvc init --quiet $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
 	dvc config core.analytics false
-	$(PY) -m pipelines.check --params params.yaml
 	dvc repro
 	@echo "results: results/REPORT.md — browse runs with: make ui"
 

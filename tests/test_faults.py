@@ -90,7 +90,8 @@ def test_sigterm_inside_a_ray_session_still_takes_the_interrupt_path():
 
 
 def test_check_names_an_undeclared_dataset_in_one_line_without_dumping_params(tmp_path):
-    """DVC stops on the missing data/prepared/<name> before a stage runs; `make repro` runs this check first."""
+    """DVC would stop on the missing data/prepared/<name> before a stage runs: the pipeline's check stage runs
+    this first (tests/test_reliability.py runs it through `dvc repro`)."""
     import yaml
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -775,18 +775,24 @@ def test_bad_params_stop_dvc_repro_before_any_work_and_keep_results(projects):
     before, runs_before = _snapshot(root), len(_tracker(root).runs(EXP))
     ray_state = sorted(p.name for p in (root / "out" / "ray" / EXP).iterdir())
     assert len(before) == 3
-    try:
-        _write(root / "params.yaml", _set(yaml.safe_load(good), "deq.lam", 1.0))
-        proc = run(["dvc", "repro"], root, check=False)
-    finally:
-        (root / "params.yaml").write_text(good)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert "error: invalid params.yaml:\n  deq.lam: Input should be greater than 1 (got 1.0)" in out, out
-    assert f"failed to reproduce 'tune@{EXP}'" in out and "exited with 2" in out and "Traceback" not in out
-    assert _snapshot(root) == before, "metrics.json and the trained models are byte-identical"
-    assert len(_tracker(root).runs(EXP)) == runs_before, "no MLflow run started"
-    assert sorted(p.name for p in (root / "out" / "ray" / EXP).iterdir()) == ray_state, "no Ray search started"
+    # the check stage runs first: a bad value, or an experiment naming a dataset `data` does not declare (DVC
+    # alone stopped on the missing data/prepared/<name> with "No such file or directory")
+    for key, value, expected in [
+            ("deq.lam", 1.0, "error: invalid params.yaml:\n  deq.lam: Input should be greater than 1 (got 1.0)"),
+            (f"experiments.{EXP}.dataset", "mnist",
+             f"experiments.{EXP}.dataset 'mnist' is not prepared by the data section")]:
+        try:
+            _write(root / "params.yaml", _set(yaml.safe_load(good), key, value))
+            proc = run(["dvc", "repro"], root, check=False)
+        finally:
+            (root / "params.yaml").write_text(good)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        assert expected in out and "No such file" not in out, out
+        assert "failed to reproduce 'check'" in out and "exited with 2" in out and "Traceback" not in out
+        assert _snapshot(root) == before, "metrics.json and the trained models are byte-identical"
+        assert len(_tracker(root).runs(EXP)) == runs_before, "no MLflow run started"
+        assert sorted(p.name for p in (root / "out" / "ray" / EXP).iterdir()) == ray_state, "no Ray search started"
 
 
 @pytest.mark.integration
