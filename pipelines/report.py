@@ -83,6 +83,17 @@ def log_to_mlflow(artifacts: Artifacts, settings: Settings, datas: list[Experime
     return run_ids
 
 
+def prune_stale(folders: list[Path], started: float) -> None:
+    """Remove what this report run did not write in its own folders (DVC ``persist`` outs, which DVC no longer
+    clears): the tables and figures of an experiment dropped from params.yaml would otherwise stay beside the
+    new ones. ``started``: when this run began writing (2 s of slack for file systems with coarse times)."""
+    for folder in folders:
+        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            if path.is_file() and path.stat().st_mtime < started - 2:
+                path.unlink()
+                log(f"removed {path} (not part of this report)")
+
+
 def _artifact_dir(artifacts: Artifacts, path: Path) -> str | None:
     out = artifacts.report_dir
     parent = path.parent.relative_to(out).as_posix() if path.is_relative_to(out) else None
@@ -120,6 +131,7 @@ def run_report(settings: Settings, params: Path, root: Path | None = None, memor
 
     check_store(settings.tracking_uri(artifacts.root), settings.tracking.timeout)  # before anything is written
 
+    started = time.time()
     all_rows, tables = {}, {}
     for data in datas:
         rows = all_rows[data.name] = table_rows(data)
@@ -152,6 +164,7 @@ def run_report(settings: Settings, params: Path, root: Path | None = None, memor
     report = write_report(artifacts, settings, params, datas, tables, bench, fidelity_md, conclusions,
                           caveats(settings, datas, all_rows, bench), figures, tags)
     log(f"wrote {report}")
+    prune_stale([artifacts.tables, artifacts.figures, artifacts.plots], started)
 
     common = [report, artifacts.tables / "fidelity.md", artifacts.tables / "fidelity.csv",
               *figures["memory"], *figures["fidelity"], artifacts.plots / "memory_depth.csv"]

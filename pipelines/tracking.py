@@ -38,6 +38,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -168,10 +169,13 @@ def check_store(uri: str, timeout: float = 30.0) -> None:
         if not path.exists() or path.stat().st_size == 0:
             return  # a new store: MLflow creates it
         try:
+            deadline = time.monotonic() + timeout  # one wait in all, not one per statement
             con = sqlite3.connect(str(path), timeout=timeout)
             try:
-                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                con.execute("BEGIN IMMEDIATE")  # waits up to `timeout` for another writer's lock
+                con.execute("SELECT count(*) FROM sqlite_master").fetchone()  # waits while a writer holds it
+                left_ms = max(1, int(1000 * (deadline - time.monotonic())))
+                con.execute(f"PRAGMA busy_timeout = {left_ms}")
+                con.execute("BEGIN IMMEDIATE")  # waits, for what is left, for another writer's lock
                 con.rollback()
             finally:
                 con.close()
@@ -183,6 +187,21 @@ def check_store(uri: str, timeout: float = 30.0) -> None:
                                    "(e.g. a stage still running, an `mlflow ui` mid-write)") from None
             raise ServiceError(f"MLflow store {path} is not a usable SQLite database ({what}): restore it from a "
                                "backup, or move it aside to start a new store") from None
+
+
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), or None where /proc does not tell: with
+    the pid it names one process, also after the pid was reused by another."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name (field 2) may hold spaces
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_tags() -> dict[str, str]:
+    return {"deqsm.host": socket.gethostname(), "deqsm.pid": str(os.getpid()),
+            "deqsm.pid_started": _started(os.getpid()) or ""}
 
 
 def _alive(pid: int) -> bool:
@@ -197,7 +216,7 @@ def _alive(pid: int) -> bool:
 
 class Tracker:
     """A thin, explicit wrapper over MlflowClient for one tracking URI. Every run it starts carries the host and
-    process that own it (``deqsm.host``, ``deqsm.pid``): :meth:`end_stale_runs` ends the RUNNING runs whose
+    process that own it (``deqsm.host``, ``deqsm.pid``, ``deqsm.pid_started``): :meth:`end_stale_runs` ends the RUNNING runs whose
     owner is gone (a SIGKILL, a power cut) as KILLED."""
 
     def __init__(self, uri: str) -> None:
@@ -234,7 +253,9 @@ class Tracker:
             pid, owner = tags.get("deqsm.pid"), tags.get("deqsm.host")
             if owner is not None and owner != host:
                 continue
-            if pid is not None and pid.isdigit() and _alive(int(pid)):
+            started = tags.get("deqsm.pid_started")
+            if (pid is not None and pid.isdigit() and _alive(int(pid))
+                    and (not started or _started(int(pid)) in (None, started))):  # not a reused pid
                 continue
             why = (f"stale: its process ({owner}, pid {pid}) ended without closing the run (killed?)" if pid
                    else "stale: RUNNING with no owner process recorded")
@@ -265,7 +286,7 @@ class Tracker:
 
     def claim(self, run_id: str) -> None:
         """Record this process as the owner of ``run_id`` (a resumed search logging to an earlier trial's run)."""
-        self.set_tags(run_id, {"deqsm.host": socket.gethostname(), "deqsm.pid": str(os.getpid())})
+        self.set_tags(run_id, _owner_tags())
 
     def __reduce__(self):  # Ray pickles Tune callbacks with the experiment state: carry the URI only
         return (Tracker, (self.uri,))
@@ -285,7 +306,7 @@ class Tracker:
 
     def start_run(self, experiment: str, name: str, params: dict[str, Any] | None = None,
                   tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
-        all_tags = {"deqsm.host": socket.gethostname(), "deqsm.pid": str(os.getpid()), **(tags or {})}
+        all_tags = {**_owner_tags(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=all_tags)

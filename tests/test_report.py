@@ -4,8 +4,10 @@ SQLite store: tables hold the numbers, missing metrics read "—", figures are P
 numbers, artifacts are logged, and missing inputs fail with errors that name the file and the stage to run."""
 import csv
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -309,3 +311,21 @@ def test_out_dir_keeps_the_report_apart_from_its_inputs(built, tmp_path, monkeyp
         assert (root / "report" / name).stat().st_size > 0, name
     text = out["report"].read_text()
     assert "`../results/experiments/toy/metrics.json`" in text and "](figures/training_toy.png)" in text
+
+
+def test_files_of_a_dropped_experiment_are_pruned(built, tmp_path, monkeypatch):
+    """The report's folders are DVC `persist` outs (DVC no longer clears them): what an earlier report wrote for
+    an experiment now gone from params.yaml is removed; what this run wrote stays."""
+    root, settings = built
+    monkeypatch.chdir(tmp_path)
+    other = settings.model_copy(update={"tracking": settings.tracking.model_copy(
+        update={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})})
+    stale = [root / "pruned" / rel for rel in ("tables/gone.md", "figures/training_gone.png", "plots/gone_val_loss.csv")]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("from an earlier run")
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    report.run_report(other, root / "params.yaml", root, out_dir=Path("pruned"))
+    assert not any(p.exists() for p in stale)
+    for name in ("tables/toy.md", "figures/training_toy.png", "plots/memory_depth.csv"):
+        assert (root / "pruned" / name).stat().st_size > 0, name
