@@ -1,5 +1,5 @@
 """Orchestration: one module per DVC stage, plus the only modules that import ray (ray_search, ray_session) and mlflow
-(tracking). Shared here: reading params.yaml as YAML, for the stages that read only part of it."""
+(tracking, provenance). Shared here: reading params.yaml as YAML, for the stages that read only part of it."""
 from __future__ import annotations
 
 from pathlib import Path

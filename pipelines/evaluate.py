@@ -37,7 +37,8 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     from deqsm.data import load_split, true_density
     from deqsm.experiments import evaluate_variant
     from deqsm.sampling import save_image_grid
-    from pipelines.tracking import Tracker, provenance_tags
+    from pipelines.provenance import provenance_tags
+    from pipelines.tracking import Tracker
 
     mlflow_exp = settings.tracking.experiment_prefix + name
     tracker = Tracker.open(settings.tracking_uri(), [mlflow_exp], settings.tracking.timeout)

@@ -36,7 +36,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 
 from pipelines.settings import Settings, SpaceEntry  # noqa: E402
 from pipelines.trials import apply_sample, flatten  # noqa: E402
-from pipelines.tracking import Tracker, device_label, provenance_tags  # noqa: E402
+from pipelines.provenance import device_label, provenance_tags  # noqa: E402
+from pipelines.tracking import Tracker  # noqa: E402
 
 
 

@@ -158,7 +158,7 @@ def run_report(settings: Settings, params: Path, root: Path | None = None, memor
         _, own_fid = fidelity_findings({data.name: data.fidelity or {}})
         numbers[data.name] = {**bench_numbers, **nums, **own_fid}
     conclusions += fid_lines
-    from pipelines.tracking import provenance_tags
+    from pipelines.provenance import provenance_tags
 
     tags = provenance_tags(settings, "pipelines.report", artifacts.root)
     report = write_report(artifacts, settings, params, datas, tables, bench, fidelity_md, conclusions,

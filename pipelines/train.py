@@ -73,7 +73,8 @@ def prune(paths: list[Path], keep: set[str]) -> None:
 def train_experiment(settings: Settings, name: str) -> None:
     from deqsm.experiments import VariantSpec, SolverRecorder, train_model
     from deqsm.train import TrainSettings
-    from pipelines.tracking import Tracker, provenance_tags
+    from pipelines.provenance import provenance_tags
+    from pipelines.tracking import Tracker
 
     mlflow_exp = settings.tracking.experiment_prefix + name
     tracker = Tracker.open(settings.tracking_uri(), [mlflow_exp], settings.tracking.timeout)

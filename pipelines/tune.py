@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         raise ParamsError(f"unknown experiment(s) {unknown}; in params.yaml: {', '.join(settings.experiments)}")
     # Check every input and service before anything is written (a missing or corrupt dataset, a model that does
     # not fit its data, an unreachable or broken MLflow store, then the Ray cluster as the session starts).
-    from pipelines.tracking import Tracker, check_store, provenance_tags
+    from pipelines.provenance import provenance_tags
+    from pipelines.tracking import Tracker, check_store
 
     check_store(settings.tracking_uri(), settings.tracking.timeout)
     artifacts = Artifacts.of(settings)

@@ -142,7 +142,7 @@ def _git(root, *args):
 
 
 def test_provenance_tags_are_mlflows_source_tags_the_dvc_experiment_and_the_device(tmp_path, monkeypatch):
-    from pipelines.tracking import provenance_tags
+    from pipelines.provenance import provenance_tags
 
     for var in ("DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         monkeypatch.delenv(var, raising=False)
