@@ -73,6 +73,32 @@ class VariantSpec(Strict):
         return MODELS.get(self.model)
 
 
+# Evaluation options that are facts about the prepared data, and where its manifest records them ("info"):
+# NICE's bits/dim needs the pixel levels and the logit squeeze, NCSN's sampler the pixel range.
+DATA_FACTS = {"pixel_levels": "pixel_levels", "logit_alpha": "logit_alpha", "pixel_range": "scale"}
+
+
+def with_data_facts(family: ModelFamily, options: dict[str, Any], manifest_info: dict[str, Any],
+                    dataset: str) -> dict[str, Any]:
+    """``options`` with the data facts (:data:`DATA_FACTS`) the family's evaluation uses taken from the prepared
+    dataset's manifest: one source, so they cannot disagree with how the data were made. A setting that names
+    a fact differently from the manifest is refused, naming both values."""
+    out = dict(options)
+    known = family.eval_options.model_fields
+    for option, info_key in DATA_FACTS.items():
+        if option not in known or info_key not in manifest_info:
+            continue
+        value = manifest_info[info_key]
+        if option == "pixel_range" and value not in ("unit", "symmetric"):
+            continue  # raw pixels: the family's check says what it needs
+        if option in out and out[option] != value:
+            raise ValueError(f"eval_options.{option} = {out[option]!r} conflicts with the prepared dataset "
+                             f"{dataset!r}, whose manifest records {info_key} = {value!r}: remove "
+                             f"eval_options.{option} (evaluation reads it from the manifest)")
+        out[option] = value
+    return out
+
+
 def check_eval_options(spec: VariantSpec, options: dict[str, Any] | None = None) -> EvalOptions:
     """``options`` validated as the evaluation options of ``spec``'s family (unknown keys rejected)."""
     return spec.family.eval_options(**(options or {}))

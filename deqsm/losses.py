@@ -15,6 +15,17 @@ directly (``get_score_loss``: VAE entropy nets, NCSN).
              of affine maps and elementwise activations (see :class:`LayeredEnergy`).
 
 ``loss_fn(model, x)`` returns :class:`LossOutput`: the scalar batch-mean ``loss`` and its named terms.
+
+Conventions (scales differ between codebases; compare losses and ``train.grad_clip`` with them in mind):
+
+- ``dsm`` at one σ is ½‖s(x̃) + ε/σ‖², which estimates the Fisher divergence at noise level σ (up to a
+  constant). The sliced-score-matching reference code's ``dsm`` computes ½‖σ²s(x̃) + σε‖² = σ⁴ · ours, so at
+  small σ its values, and its gradients, are far smaller; here a σ of 0.1 makes raw gradients 10⁴ times the
+  reference's, and ``train.grad_clip`` then cuts many steps (the training logs ``grad_clipped`` per step and
+  ``clipped_fraction`` in the fit summary). NCSN's annealed form weights by σ², i.e. ½‖σ s(x̃) + ε‖².
+- ``sphere`` projections are uniform on the sphere of radius √d, as in that reference's sliced score
+  matching (so E[vvᵀ] = I, like the Rademacher and Gaussian ones); a unit-vector convention would divide the
+  ``ssm`` terms by d.
 """
 from __future__ import annotations
 

@@ -90,12 +90,14 @@ class FitResult:
     peak_bytes: int
     memory_kind: str
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per evaluation
+    clipped_fraction: float = 0.0  # of the steps whose gradient norm train.grad_clip cut down
 
     def summary(self) -> dict[str, float | str]:
         return {
             "steps": float(self.steps), "best_val_loss": self.best_val_loss, "best_step": float(self.best_step),
             "stopped_early": float(self.stopped_early), "step_ms_median": self.step_ms_median,
             "peak_bytes": float(self.peak_bytes), "memory_kind": self.memory_kind,
+            "clipped_fraction": self.clipped_fraction,
         }
 
 
@@ -198,8 +200,9 @@ def fit(
         perm, cursor = state["perm"], int(state["cursor"])
         resumed_times = [float(t) for t in state.get("step_seconds", [])]
         resumed_peak, resumed_kind = int(state.get("peak_bytes", 0)), str(state.get("memory_kind", ""))
+        clipped_steps = int(state.get("clipped_steps", 0))
     else:
-        resumed_times, resumed_peak, resumed_kind = [], 0, ""
+        resumed_times, resumed_peak, resumed_kind, clipped_steps = [], 0, "", 0
 
     def save_checkpoint() -> None:
         if ckpt_path is None:
@@ -211,7 +214,7 @@ def fit(
             "best_val": best_val, "best_step": best_step, "best_model": best_state, "history": history,
             "evals_without_improvement": evals_without_improvement, "perm": perm, "cursor": cursor,
             "step_seconds": torch.tensor(step_times, dtype=torch.float64), "peak_bytes": peak,
-            "memory_kind": memory_kind,
+            "memory_kind": memory_kind, "clipped_steps": clipped_steps,
         }, ckpt_path)
         for cb in callbacks:
             cb.on_checkpoint(step, ckpt_path)
@@ -252,6 +255,8 @@ def fit(
                          else torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
             if not bool(torch.isfinite(torch.as_tensor(grad_norm))):
                 raise TrainingError(f"non-finite gradient norm at step {step + 1} (loss {float(loss):.4g})")
+            clipped = bool(settings.grad_clip) and float(grad_norm) > settings.grad_clip
+            clipped_steps += clipped
             opt.step()
             if sched is not None:
                 sched.step()
@@ -259,7 +264,7 @@ def fit(
             step_times.append(mem.step_seconds)
             peak, memory_kind = max(peak, mem.peak_bytes), mem.memory_kind
             metrics = {**{f"train_{k}": v for k, v in out.scalars().items()}, **deq_stats(model),
-                       "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                       "grad_norm": float(grad_norm), "grad_clipped": float(clipped), "lr": opt.param_groups[0]["lr"],
                        "step_ms": 1000 * mem.step_seconds, "peak_bytes": float(mem.peak_bytes)}
             if settings.max_nonconverged_steps is not None and "solver_converged" in metrics:
                 nonconverged_run = 0 if metrics["solver_converged"] else nonconverged_run + 1
@@ -300,4 +305,4 @@ def fit(
         model.load_state_dict(best_state)
     warm = step_times[1:] or step_times
     return FitResult(step, best_val, best_step, stopped_early, 1000 * statistics.median(warm) if warm else 0.0,
-                     peak, memory_kind, history)
+                     peak, memory_kind, history, clipped_steps / step if step else 0.0)

@@ -35,7 +35,9 @@ def mlflow_test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     from deqsm.data import load_split, true_density
-    from deqsm.experiments import evaluate_variant
+    from deqsm.data.store import read_manifest
+    from deqsm.experiments import evaluate_variant, with_data_facts
+    from deqsm.models import MODELS
     from deqsm.sampling import save_image_grid
     from pipelines.provenance import provenance_tags
     from pipelines.tracking import Tracker
@@ -51,7 +53,9 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     splits = load_splits(artifacts, dataset)
     truth = true_density(artifacts.data_root, dataset)  # generated data: exact score and log p
     labels = {s: load_split(artifacts.data_root, dataset, s).y for s in ("train", "test")}
-    eval_options = experiment_eval_options(settings, name)
+    family = MODELS.get(settings.experiments[name].model)
+    eval_options = with_data_facts(family, experiment_eval_options(settings, name),
+                                   read_manifest(artifacts.data_root, dataset).get("info", {}), dataset)
     results: dict[str, dict] = {}
     artifacts.samples_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out, maybe empty
     for path in files:

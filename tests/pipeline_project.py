@@ -29,10 +29,10 @@ def tiny_params(**changes: Any) -> dict:
                          "model_options": {"n_inducing": 8, "alpha_eval_rows": 100}, "loss": {"name": "ssm"},
                          "variants": {"deq": {"variant": "deq"}, "explicit-2": {"variant": "explicit", "depth": 2}},
                          "eval_options": {"is_batch_size": 2000}},
+        # bits/dim: the pixel levels and logit α come from the prepared digits' manifest
         "nice-digits": {"dataset": "digits", "model": "nice", "width": 16, "model_options": {"n_couplings": 2},
                         "loss": {"name": "ssm"},
-                        "variants": {"deq": {"variant": "deq"}, "explicit-2": {"variant": "explicit", "depth": 2}},
-                        "eval_options": {"logit_alpha": 1.0e-6, "pixel_levels": 17}},
+                        "variants": {"deq": {"variant": "deq"}, "explicit-2": {"variant": "explicit", "depth": 2}}},
     }
     raw["tune"].update(steps=6, num_cpus=2, max_concurrent=2,
                        search_space={"train.lr": {"grid": [1.0e-3, 3.0e-3]}})

@@ -131,3 +131,24 @@ def test_experiments_do_not_import_the_orchestration_stack():
             "print(bad); sys.exit(1 if bad else 0)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_data_facts_come_from_the_manifest_and_a_conflicting_setting_names_both():
+    """#13: pixel levels, logit α (NICE's bits/dim) and the pixel range (NCSN) are read from the prepared
+    dataset's manifest; a setting that disagrees is refused with both values, one that agrees is kept."""
+    from deqsm.experiments import with_data_facts
+    from deqsm.models import MODELS
+
+    digits = {"pixel_levels": 17, "logit_alpha": 1e-6, "scale": "unit"}
+    nice, ncsn = MODELS.get("nice"), MODELS.get("ncsn")
+    assert with_data_facts(nice, {"is_samples": 500}, digits, "digits") == \
+        {"is_samples": 500, "pixel_levels": 17, "logit_alpha": 1e-6}
+    assert with_data_facts(nice, {"pixel_levels": 17}, digits, "digits")["pixel_levels"] == 17
+    with pytest.raises(ValueError) as err:
+        with_data_facts(nice, {"pixel_levels": 256}, digits, "digits")
+    assert ("eval_options.pixel_levels = 256 conflicts with the prepared dataset 'digits', whose manifest records "
+            "pixel_levels = 17") in str(err.value)
+    assert with_data_facts(ncsn, {}, {**digits, "scale": "symmetric"}, "images")["pixel_range"] == "symmetric"
+    with pytest.raises(ValueError, match=r"pixel_range = 'unit' conflicts .* scale = 'symmetric'"):
+        with_data_facts(ncsn, {"pixel_range": "unit"}, {**digits, "scale": "symmetric"}, "images")
+    assert with_data_facts(MODELS.get("dkef"), {}, {"true_density": {}}, "mixture") == {}  # generated: no pixels

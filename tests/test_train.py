@@ -121,3 +121,15 @@ def test_resume_of_a_finished_or_early_stopped_run_trains_no_further(tmp_path):
         assert (second.steps, second.best_val_loss, second.stopped_early) == \
             (first.steps, first.best_val_loss, first.stopped_early), name
         assert second.step_ms_median == first.step_ms_median and second.peak_bytes == first.peak_bytes > 0, name
+
+
+def test_the_fraction_of_clipped_steps_is_measured():
+    """#13: how often train.grad_clip fires is logged per step (``grad_clipped``) and summarised
+    (``clipped_fraction``), so a clip that fires on every step (DSM's scale) shows."""
+    data = gaussian_data()
+    for clip, expected in ((1e-6, 1.0), (1e6, 0.0)):
+        torch.manual_seed(0)
+        rec = Recorder()
+        result = fit(ExplicitEnergyMLP(3, 8, 1), objective, data, None, settings(steps=10, grad_clip=clip), [rec])
+        assert result.clipped_fraction == expected and result.summary()["clipped_fraction"] == expected
+        assert {m["grad_clipped"] for _, m in rec.steps} == {expected}
