@@ -185,6 +185,9 @@ def fit(
     best_val, best_step, best_state = math.inf, 0, None
     history: list[dict[str, float]] = []
     evals_without_improvement = 0
+    # Timings, peak memory and clipped steps cover every step, also across a resume (saved with the checkpoint).
+    step_times: list[float] = []
+    peak, memory_kind, clipped_steps = 0, "autograd_saved_bytes", 0
     if ckpt_path is not None and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
@@ -198,11 +201,9 @@ def fit(
         history = list(state.get("history", []))
         evals_without_improvement = int(state.get("evals_without_improvement", 0))
         perm, cursor = state["perm"], int(state["cursor"])
-        resumed_times = [float(t) for t in state.get("step_seconds", [])]
-        resumed_peak, resumed_kind = int(state.get("peak_bytes", 0)), str(state.get("memory_kind", ""))
+        step_times = [float(t) for t in state.get("step_seconds", [])]
+        peak, memory_kind = int(state.get("peak_bytes", 0)), str(state.get("memory_kind", memory_kind))
         clipped_steps = int(state.get("clipped_steps", 0))
-    else:
-        resumed_times, resumed_peak, resumed_kind, clipped_steps = [], 0, "", 0
 
     def save_checkpoint() -> None:
         if ckpt_path is None:
@@ -220,9 +221,6 @@ def fit(
             cb.on_checkpoint(step, ckpt_path)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    # Timings and peak memory cover every step, also across a resume (they are saved with the checkpoint).
-    step_times: list[float] = resumed_times
-    peak, memory_kind = resumed_peak, resumed_kind or "autograd_saved_bytes"
     nonconverged_run = 0
     # A checkpoint written when early stopping fired resumes as stopped, not as more training.
     stopped_early = settings.patience is not None and evals_without_improvement >= settings.patience

@@ -128,6 +128,15 @@ def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+def prune_variants(paths: list[Path], keep: set[str] | dict) -> None:
+    """Remove the files (named ``<variant>.<ext>``) of variants not in ``keep``: stage outputs are DVC ``persist``,
+    so DVC no longer clears them, and a variant dropped from params.yaml would otherwise linger."""
+    for path in paths:
+        if path.stem not in keep:
+            path.unlink()
+            print(f"removed {path} (variant {path.stem!r} is no longer in the experiment)", flush=True)
+
+
 def write_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
     return _replace_atomically(path, lambda tmp: tmp.write_text(text))

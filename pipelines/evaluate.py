@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from pipelines.artifacts import Artifacts, load_model, load_splits, write_json
+from pipelines.artifacts import Artifacts, load_model, load_splits, prune_variants, write_json
 from pipelines.settings import Settings, main_guard, run_experiment_stage
 from pipelines.trials import experiment_eval_options
 
@@ -84,9 +84,7 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
         print(f"{name}/{variant}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                                                 if isinstance(v, float) and k.startswith("test")), flush=True)
     write_json(artifacts.metrics(name), results)
-    for grid in artifacts.samples_dir(name).glob("*.png"):  # a persist out: drop the grids of variants now gone
-        if grid.stem not in results:
-            grid.unlink()
+    prune_variants(sorted(artifacts.samples_dir(name).glob("*.png")), keep=results)
     return results
 
 

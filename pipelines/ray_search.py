@@ -41,6 +41,13 @@ from pipelines.tracking import Tracker  # noqa: E402
 
 
 
+# What Ray adds to every result a trial reports (when, where, which process, its own counters): not the trial's
+# figures, so not logged to MLflow as metrics.
+_RAY_BOOKKEEPING = {"timestamp", "date", "hostname", "pid", "node_ip", "node_id", "trial_id", "experiment_id",
+                    "time_this_iter_s", "time_total_s", "time_since_restore", "iterations_since_restore", "done",
+                    "checkpoint_dir_name", "should_checkpoint", "config", "training_iteration"}
+
+
 class _NotReportedYet(logging.Filter):
     """Ray warns, with a traceback-like list, about every trial that has not reported a result yet whenever it
     reads a search's folder (on resume, and after an interrupted fit). Such a trial is expected there and
@@ -130,10 +137,9 @@ def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: di
     if pid_dir:  # opt-in (tests/test_reliability.py): which process runs each trial, so a test can kill it
         Path(pid_dir, f"{tune.get_context().get_trial_id()}.pid").write_text(str(os.getpid()))
     latest = _latest_checkpoint(trial_root, tune.get_context().get_trial_id())
-    restored = tune.get_checkpoint()
     if latest is not None:  # a retried or resumed trial goes on from its newest checkpoint
         shutil.copytree(latest, ckpt_dir, dirs_exist_ok=True)
-    elif restored is not None:  # storage not visible from this node: the checkpoint Ray hands over
+    elif (restored := tune.get_checkpoint()) is not None:  # storage not seen from this node: Ray's checkpoint
         with restored.as_directory() as d:
             shutil.copytree(d, ckpt_dir, dirs_exist_ok=True)
     recorder = SolverRecorder()
@@ -192,8 +198,7 @@ class MlflowTrialLogger(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and k not in ("time_this_iter_s", "timestamp", "pid", "training_iteration", "time_total_s",
-                                 "iterations_since_restore", "time_since_restore")}
+                   and k not in _RAY_BOOKKEEPING}
         self.tracker.log_metrics(self._run_id(trial), metrics, step=int(result.get("step", result.get("training_iteration", 0))))
         device = result.get("device")
         if isinstance(device, str) and self.devices.get(trial.trial_id) != device:
@@ -255,10 +260,7 @@ def _digest(splits: dict) -> str:
 # What a result holds besides the trial's own figures: Ray's bookkeeping (when, where, which process) and the
 # trial's timings. They differ on every run of the same search, so they stay in MLflow and out of best.json,
 # which DVC hashes: an unchanged search then leaves best.json byte-identical and its downstream stages alone.
-_RUN_SPECIFIC = {"timestamp", "date", "hostname", "pid", "node_ip", "node_id", "trial_id", "experiment_id",
-                 "time_this_iter_s", "time_total_s", "time_since_restore", "iterations_since_restore", "done",
-                 "checkpoint_dir_name", "should_checkpoint", "config", "step_ms_median", "peak_bytes", "memory_kind",
-                 "device"}
+_RUN_SPECIFIC = _RAY_BOOKKEEPING - {"training_iteration"} | {"step_ms_median", "peak_bytes", "memory_kind", "device"}
 
 
 def reproducible_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

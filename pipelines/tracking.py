@@ -103,14 +103,18 @@ def _owner_tags() -> dict[str, str]:
             "deqsm.pid_started": _started(os.getpid()) or ""}
 
 
-def _alive(pid: int) -> bool:
+def _owner_alive(pid: str | None, started: str | None) -> bool:
+    """Whether the process a run records (``deqsm.pid``, ``deqsm.pid_started``) still runs on this host; a pid
+    now held by another process (a different start time) does not count."""
+    if pid is None or not pid.isdigit():
+        return False
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass  # another user's process: it exists
+    return not started or _started(int(pid)) in (None, started)
 
 
 class Tracker:
@@ -152,9 +156,7 @@ class Tracker:
             pid, owner = tags.get("deqsm.pid"), tags.get("deqsm.host")
             if owner is not None and owner != host:
                 continue
-            started = tags.get("deqsm.pid_started")
-            if (pid is not None and pid.isdigit() and _alive(int(pid))
-                    and (not started or _started(int(pid)) in (None, started))):  # not a reused pid
+            if _owner_alive(pid, tags.get("deqsm.pid_started")):
                 continue
             why = (f"stale: its process ({owner}, pid {pid}) ended without closing the run (killed?)" if pid
                    else "stale: RUNNING with no owner process recorded")

@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from pipelines.artifacts import Artifacts, load_splits, save_model, write_atomic
+from pipelines.artifacts import Artifacts, load_splits, prune_variants, save_model, write_atomic
 from pipelines.settings import Settings, main_guard, run_experiment_stage
 from pipelines.trials import flatten
 
@@ -60,14 +60,6 @@ def write_curve_plots(artifacts: Artifacts, name: str, curves: dict[str, CurveLo
         rows = [{"step": step, "variant": variant, key: value}
                 for variant, curve in sorted(curves.items()) for step, value in curve.series(key)]
         write_csv(artifacts.curve_plot(name, key), ["step", "variant", key], rows)
-
-
-def prune(paths: list[Path], keep: set[str]) -> None:
-    """Remove the files of variants that are gone (the outputs are DVC ``persist``: DVC no longer clears them)."""
-    for path in paths:
-        if path.stem not in keep:
-            path.unlink()
-            print(f"removed {path} (variant {path.stem!r} is no longer trained)", flush=True)
 
 
 def train_experiment(settings: Settings, name: str) -> None:
@@ -122,7 +114,7 @@ def train_experiment(settings: Settings, name: str) -> None:
         best_val[variant] = fit.best_val_loss
         tracker.end_run(run_id, "FINISHED")
     write_curve_plots(artifacts, name, curves)
-    prune(artifacts.models(name) + sorted(artifacts.curve(name, "_").parent.glob("*.csv")), keep=set(best))
+    prune_variants(artifacts.models(name) + sorted(artifacts.curve(name, "_").parent.glob("*.csv")), keep=set(best))
     tracker.log_best(parent, "val_loss", "min", best_val)  # the best validation loss of each variant
     tracker.end_run(parent, "FINISHED")
 
