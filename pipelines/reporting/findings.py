@@ -3,11 +3,11 @@ explicit variant on the family's headline metric, solver convergence, gradient f
 that qualify them. Each finder also returns the numbers it judged, which are logged to MLflow."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from pipelines.reporting.inputs import MIB, ExperimentData, MemoryBench, number
 from pipelines.reporting.tables import fmt
+from pipelines.reporting.verdicts import compare, estimate
 from deqsm.models.density import DensityEvalOptions
 from pipelines.settings import Settings
 from pipelines.trials import experiment_eval_options
@@ -85,35 +85,11 @@ def experiment_findings(data: ExperimentData, rows: list[dict[str, Any]], deq_to
                          f"{deepest['score_step_peak_mib']:.3f} MiB).")
         main = data.headline()
         for ev in explicits:
-            e = by[ev]
-            if main.key != "test_loglik":
-                if d["main_value"] is None or e["main_value"] is None:
-                    lines.append(f"`{data.name}`: no {main.key} to compare `{dv}` with `{ev}`.")
-                    continue
-                diff = d["main_value"] - e["main_value"]
+            line, diff = compare(data.name, dv, estimate(data.metrics.get(dv), main.key),
+                                 ev, estimate(data.metrics.get(ev), main.key), main)
+            lines.append(line)
+            if diff is not None:
                 numbers[f"{dv}_minus_{ev}_{main.key}"] = diff
-                better = diff > 0 if main.higher_is_better else diff < 0
-                verdict = "better than" if better and diff != 0 else "equal to" if diff == 0 else "worse than"
-                lines.append(f"`{data.name}`: `{dv}`'s {main.key} is {verdict} `{ev}`'s ({d['main_value']:.3f} vs "
-                             f"{e['main_value']:.3f}{' ' + main.unit if main.unit else ''}, difference {diff:+.3f}; "
-                             f"{'higher' if main.higher_is_better else 'lower'} is better; one seed, no standard error).")
-                continue
-            if d["test_loglik"] is None or e["test_loglik"] is None:
-                lines.append(f"`{data.name}`: no test log-likelihood to compare `{dv}` with `{ev}`.")
-                continue
-            diff = d["test_loglik"] - e["test_loglik"]
-            numbers[f"{dv}_minus_{ev}_test_loglik"] = diff
-            if d["test_loglik_se"] is not None and e["test_loglik_se"] is not None:
-                se = math.hypot(d["test_loglik_se"], e["test_loglik_se"])
-                verdict = ("beats" if diff > 2 * se else "is beaten by" if diff < -2 * se
-                           else "is within two standard errors of")
-                lines.append(f"`{data.name}`: `{dv}` {verdict} `{ev}` in test log-likelihood "
-                             f"({d['test_loglik']:.3f} vs {e['test_loglik']:.3f} nats, difference {diff:+.3f}, "
-                             f"combined se {se:.3f}).")
-            else:
-                verdict = "above" if diff > 0 else "below" if diff < 0 else "equal to"
-                lines.append(f"`{data.name}`: `{dv}`'s test log-likelihood is {verdict} `{ev}`'s ({d['test_loglik']:.3f} "
-                             f"vs {e['test_loglik']:.3f} nats, difference {diff:+.3f}; no standard error to judge it).")
         if d["solver_residual_max"] is not None:
             reached = d["solver_residual_max"] <= deq_tol
             lines.append(f"`{data.name}`: `{dv}`'s solver {'always reached' if reached else 'did not always reach'} "

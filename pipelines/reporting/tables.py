@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.reporting.inputs import MEMORY_KINDS, MIB, ExperimentData, number
+from pipelines.reporting.verdicts import SE_WORDS, Estimate, estimate
 from pipelines.settings import ExperimentSettings
 
 DASH = "—"
@@ -47,13 +48,20 @@ def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
         se, se_kind = g("test_loglik_se"), "test_loglik_se"
         if se is None and g("test_loglik_sample_se") is not None:
             se, se_kind = g("test_loglik_sample_se"), "test_loglik_sample_se"
+        est = estimate(m, main.key)
+        kid = next((k for k in sorted(m or {}) if k.startswith("kid_") and not k.endswith(("_std", "_train_vs_test"))), None)
         peak = g("peak_bytes")
         score_peak = g("score_step_peak_bytes")
         rows.append({
-            "main_metric": main.key, "main_value": g(main.key),
-            "main_se": se if main.key == "test_loglik" else None,
+            "main_metric": main.key, "main_value": est.value, "main_se": est.se, "main_se_kind": est.se_kind,
+            "main_ci_low": est.low, "main_ci_high": est.high, "main_unreliable": est.unreliable or "",
             "test_elbo": g("test_elbo"), "test_iw_loglik": g("test_iw_loglik"),
             "fd_train_vs_test": g(f"{main.key}_train_vs_test") if not main.higher_is_better else None,
+            "fd_train_vs_test_ci_low": g(f"{main.key}_train_vs_test_ci_low"),
+            "fd_train_vs_test_ci_high": g(f"{main.key}_train_vs_test_ci_high"),
+            "kid_metric": kid or "", "kid": g(kid) if kid else None, "kid_std": g(f"{kid}_std") if kid else None,
+            "kid_train_vs_test": g(f"{kid}_train_vs_test") if kid else None,
+            "test_is_ess": g("test_is_ess"),
             "score_step_peak_mib": score_peak / MIB if score_peak is not None else None,
             "experiment": data.name, "variant": variant, "kind": data.kind(variant) or "",
             "depth": data.depth(variant), "loss": loss_label(data.spec), "status": "ok" if m is not None else "no metrics",
@@ -70,8 +78,11 @@ def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
 
 
 
-CSV_COLUMNS = ["experiment", "variant", "kind", "depth", "loss", "status", "main_metric", "main_value",
-               "test_loglik", "test_loglik_se", "se_kind", "test_elbo", "test_iw_loglik", "fd_train_vs_test",
+CSV_COLUMNS = ["experiment", "variant", "kind", "depth", "loss", "status", "main_metric", "main_value", "main_se",
+               "main_se_kind", "main_ci_low", "main_ci_high", "main_unreliable",
+               "test_loglik", "test_loglik_se", "se_kind", "test_is_ess", "test_elbo", "test_iw_loglik",
+               "fd_train_vs_test", "fd_train_vs_test_ci_low", "fd_train_vs_test_ci_high", "kid_metric", "kid",
+               "kid_std", "kid_train_vs_test",
                "score_step_peak_mib", "test_bpd", "peak_mib", "peak_bytes", "memory_kind", "step_ms_median", "params", "solver_nstep_mean",
                "solver_final_residual", "solver_residual_max", "solver_source", "test_ssm_loss", "test_sm_loss", "test_loss",
                "fisher_divergence", "train_steps", "train_best_val_loss"]
@@ -98,51 +109,75 @@ def md_table(header: list[str], body: list[list[str]]) -> str:
 def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str:
     """The experiment's table in Markdown, with footnotes saying what the columns count."""
     kinds = sorted({r["memory_kind"] for r in rows if r["memory_kind"]})
-    se_kinds = sorted({r["se_kind"] for r in rows if r["se_kind"]})
+    se_kinds = sorted({r["main_se_kind"] for r in rows if r["main_se_kind"]})
     extra = [(k, label) for k, label in (("test_sm_loss", "test SM loss"), ("fisher_divergence", "Fisher divergence"))
              if any(r[k] is not None for r in rows)]
     main = data.headline()
     density = main.key == "test_loglik"
-    score_mem = any(r["score_step_peak_mib"] is not None for r in rows)
-    header = ["variant", "loss", main.label, *(["bits/dim"] if density else []),
-              *(["IW bound (nats)"] if any(r["test_iw_loglik"] is not None for r in rows) else []),
+    iw_headline = main.key == "test_iw_loglik"
+    fd = not main.higher_is_better
+    has = lambda k: any(r[k] is not None for r in rows)  # noqa: E731
+    score_mem = has("score_step_peak_mib")
+    kid = next((r["kid_metric"] for r in rows if r["kid_metric"]), "") if fd else ""
+    side = [*(["bits/dim"] if density else []), *(["IS effective samples"] if has("test_is_ess") else []),
+            *(["KDE ELBO (diagnostic, biased up)"] if iw_headline and has("test_elbo") else []),
+            *(["IW bound (nats)"] if not iw_headline and has("test_iw_loglik") else []),
+            *(["train-vs-test FD (floor)"] if fd and has("fd_train_vs_test") else []),
+            *([f"{kid} ± std", "train-vs-test KID"] if kid else [])]
+    header = ["variant", "loss", main.label, *side,
               "peak memory (MiB)", *(["score-net step memory (MiB)"] if score_mem else []), "ms/step", "parameters",
               "solver steps", "final residual", *(["test SSM loss"] if density else []), *(label for _, label in extra),
               "train steps"]
+    spec = ".3f" if main.higher_is_better else ".2f"
     body = []
     for r in rows:
-        value = fmt(r["main_value"], ".3f" if main.higher_is_better else ".2f")
-        if value != DASH and r["main_se"] is not None:
-            value += f" ± {r['main_se']:.3f}"
+        value = Estimate(r["main_value"], r["main_se"], r["main_se_kind"], r["main_ci_low"], r["main_ci_high"],
+                         r["main_unreliable"] or None).cell(spec)
+        floor = Estimate(r["fd_train_vs_test"], low=r["fd_train_vs_test_ci_low"],
+                         high=r["fd_train_vs_test_ci_high"]).cell(spec)
+        kid_cell = Estimate(r["kid"], r["kid_std"]).cell(".4f")
+        cells = {"bits/dim": fmt(r["test_bpd"], ".3f"), "IS effective samples": fmt(r["test_is_ess"], ",.0f"),
+                 "KDE ELBO (diagnostic, biased up)": fmt(r["test_elbo"], ".3f"),
+                 "IW bound (nats)": fmt(r["test_iw_loglik"], ".3f"), "train-vs-test FD (floor)": floor,
+                 "train-vs-test KID": fmt(r["kid_train_vs_test"], ".4f")}
         mem = fmt(r["peak_mib"], ".3f")
         if len(kinds) > 1 and mem != DASH:
             mem += f" ({r['memory_kind']})"
         name = r["variant"] + (f" (depth {r['depth']})" if r["depth"] is not None else " (DEQ)" if r["kind"] == "deq" else "")
-        body.append([name, r["loss"], value, *([fmt(r["test_bpd"], ".3f")] if density else []),
-                     *([fmt(r["test_iw_loglik"], ".3f")] if "IW bound (nats)" in header else []),
+        body.append([name, r["loss"], value, *(cells.get(c, kid_cell) for c in side),
                      mem, *([fmt(r["score_step_peak_mib"], ".3f")] if score_mem else []), fmt(r["step_ms_median"], ".1f"),
                      fmt(r["params"], ",.0f"), fmt(r["solver_nstep_mean"], ".1f"), fmt(r["solver_final_residual"], ".2e"),
                      *([fmt(r["test_ssm_loss"], ".4g")] if density else []), *(fmt(r[k], ".4g") for k, _ in extra),
                      fmt(r["train_steps"], ".0f")])
     notes = [f"Experiment `{data.name}`: dataset `{data.spec.dataset}`, model `{data.spec.model}`, "
              f"loss `{loss_label(data.spec)}`. {DASH}: not measured for that variant."]
-    if main.key == "test_elbo":
+    vae_memory = ("Peak memory is the whole training step (score network and VAE); score-net step memory is one "
+                  "score-network step, the part the variants differ in (the paper's Table 1).")
+    if iw_headline:
+        notes.append("Test log-likelihood bound: the importance-weighted bound log (1/K) Σ_k p(x, z_k) / r(z_k | x) "
+                     "with a proposal r fitted per test x to the implicit encoder's samples (`deqsm.metrics.elbo`): "
+                     "a lower bound on log p(x) in expectation, whatever r is. The KDE ELBO beside it plugs a kernel "
+                     "density estimate into the encoder's entropy, a cross-entropy that is biased upwards by "
+                     "KL(q ‖ q̂): a diagnostic, never ranked. " + vae_memory)
+    elif main.key == "test_elbo":
         notes.append("Test ELBO: E_q[log p(x|z) + log p(z)] plus the implicit encoder's entropy estimated per test x "
-                     "by a kernel density estimate of q(z|x) (`deqsm.metrics.elbo`). Peak memory is the whole "
-                     "training step (score network and VAE); score-net step memory is one score-network step, the "
-                     "part the variants differ in (the paper's Table 1).")
-    elif not main.higher_is_better:
-        refs = [r["fd_train_vs_test"] for r in rows if r["fd_train_vs_test"] is not None]
+                     "by a kernel density estimate of q(z|x) (`deqsm.metrics.elbo`), biased upwards by KL(q ‖ q̂). "
+                     + vae_memory)
+    elif fd:
         notes.append(f"`{main.key}`: Fréchet distance between annealed-Langevin samples and the test images "
                      f"(features: {'Inception-v3' if main.key.startswith('fid_') else 'a digits classifier trained on the training split'}; "
-                     "covariances not rescaled)" + (f"; training images vs test images score {refs[0]:.2f} on the "
-                                                   "same features (a floor for the sample size)." if refs else "."))
+                     "covariances not rescaled); [low, high]: its bootstrap interval. The train-vs-test FD is the "
+                     "same distance between training and test images at the same sample size: the floor a perfect "
+                     "sampler would score." + (f" {kid}: the kernel inception distance (torchmetrics) on the same "
+                                             "features, unbiased at small sample sizes; ± its standard deviation "
+                                             "over subsets." if kid else ""))
+    for r in rows:
+        if r["main_unreliable"]:
+            notes.append(f"`{r['variant']}` (unreliable): {r['main_unreliable']}; its {main.key} is shown, never ranked.")
     for k in kinds:
         notes.append(f"Peak memory counts `{k}`: {MEMORY_KINDS.get(k, 'as named')}.")
-    se_words = {"test_loglik_se": "the Monte-Carlo standard error of the importance-sampled log Z",
-                "test_loglik_sample_se": "the standard error of the mean over test rows"}
     for k in se_kinds:
-        notes.append(f"± is `{k}`: {se_words.get(k, k)}.")
+        notes.append(f"± is `{k}`: {SE_WORDS.get(k, k)}.")
     notes.append("Solver steps: mean DEQ solver iterations per training step; final residual: the largest "
                  "absolute residual ‖f(z) − z‖ of the last logged training step (over DEQ layers).")
     from_curve = [r["variant"] for r in rows if r["solver_source"] == "curve"]
