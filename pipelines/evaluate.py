@@ -33,6 +33,14 @@ def mlflow_test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def reliability_tags(metrics: dict[str, Any]) -> dict[str, str]:
+    """``deqsm.reliable.<metric>`` = ``true`` / ``false`` for each estimate the evaluation judged (a
+    ``<metric>_reliable`` flag, e.g. DKEF's importance-sampled log-likelihood against ``is_ess_floor``): the MLflow
+    UI can filter the runs whose headline must not be ranked (``tags.`deqsm.reliable.test_loglik` = 'false'``)."""
+    return {f"deqsm.reliable.{k.removesuffix('_reliable')}": "false" if v == 0 else "true"
+            for k, v in metrics.items() if k.endswith("_reliable") and isinstance(v, (int, float))}
+
+
 def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     from deqsm.data import load_split, true_density
     from deqsm.data.store import read_manifest
@@ -71,6 +79,7 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
             print(f"{name}/{variant}: training run {saved.get('mlflow_run_id')} is not in {settings.tracking_uri()}; "
                   f"logging to a new run {run_id}", flush=True)
         tracker.log_metrics(run_id, mlflow_test_metrics(metrics))
+        tracker.set_tags(run_id, reliability_tags(metrics))
         tracker.log_dataset_inputs(run_id, artifacts.data_root, dataset, ("test",))
         if images is not None:
             grid = save_image_grid(images, artifacts.sample_grid(name, variant))
