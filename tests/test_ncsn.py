@@ -15,7 +15,7 @@ from deqsm.metrics.fid import (DigitsCNN, GivenFeatures, build_frechet_metric, c
                                frechet_distance, frechet_distance_of_features, gaussian_frechet_distance,
                                train_digits_cnn)
 from deqsm.models.conv import NormalizedConv2d, conv_operator_norm
-from deqsm.models.ncsn import NCSN, NCSNEvalOptions, annealed_score_loss, build_ncsn
+from deqsm.models.ncsn import NCSN, annealed_score_loss, build_ncsn
 from deqsm.registry import UnknownNameError
 from deqsm.sampling import annealed_langevin, geometric_sigmas, largest_pairwise_distance
 
@@ -348,33 +348,6 @@ def test_largest_pairwise_distance_exact_in_chunks_and_a_lower_bound_when_subsam
     assert 0 < sub < exact and sub == largest_pairwise_distance(x, max_rows=10, seed=3)
     with pytest.raises(ValueError, match="at least 2 rows"):
         largest_pairwise_distance(x[:1])
-
-
-def test_ncsn_eval_defaults_are_ncsns_langevin_settings():
-    """Song & Ermon (2019): T = 100 steps per noise level, ε = 2e-5."""
-    opts = NCSNEvalOptions()
-    assert (opts.langevin_steps, opts.langevin_lr) == (100, 2e-5)
-
-
-def test_ncsn_evaluation_reports_fd_intervals_and_kid_in_the_same_features():
-    from deqsm.experiments import VariantSpec, build, evaluate_variant
-
-    x = torch.rand(100, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    splits = {"train": x[:60], "val": x[60:80], "test": x[80:]}
-    labels = {"train": torch.arange(60) % 10, "test": torch.arange(20) % 10}
-    spec = VariantSpec(name="ncsn-deq", model="ncsn", variant="deq", width=4, loss={"name": "dsm"},
-                       model_options={"sigma_max": "auto", "sigma_min": 0.1, "sigma_levels": 2})
-    torch.manual_seed(0)
-    net, _ = build(spec, splits["train"])
-    opts = {"fd_samples": 16, "langevin_steps": 2, "classifier_epochs": 1, "fd_bootstrap": 30,
-            "kid_subsets": 10, "kid_subset_size": 8}
-    m, _ = evaluate_variant(spec, net, splits, opts, labels=labels)
-    for key in ("fd_digits_cnn", "fd_digits_cnn_train_vs_test"):
-        assert 0 <= m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"], key
-    assert m["fd_digits_cnn"] > m["fd_digits_cnn_train_vs_test"] > 0 and m["fd_samples"] == 16
-    assert m["kid_digits_cnn_std"] > 0 and all(math.isfinite(m[k]) for k in ("kid_digits_cnn",
-                                                                              "kid_digits_cnn_train_vs_test"))
-    assert next(k for k in m if k.endswith("_train_vs_test")) == "fd_digits_cnn_train_vs_test"
 
 
 # ---------------------------------------------------------------------------------------------------

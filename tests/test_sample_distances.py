@@ -1,6 +1,9 @@
 """Distances of generated samples on feature rows (deqsm.metrics.sample_distances): the exact row FD in both
-of its forms, the bootstrap interval for a replicate's FD, torchmetrics' KID, and the metric keys."""
+of its forms, the bootstrap interval for a replicate's FD, torchmetrics' KID, and the metric keys, also as
+NCSN's evaluation reports them."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 from deqsm.metrics.fid import frechet_distance_of_features
 from deqsm.metrics.sample_distances import (fd_replicate_interval, frechet_to, kernel_distance,
                                             sample_distance_metrics)
+from deqsm.models.ncsn import NCSNEvalOptions
 
 
 @pytest.fixture
@@ -113,3 +117,30 @@ def test_sample_distance_metrics_names_its_keys():
     assert not any(k.endswith(("_ci_low", "_ci_high")) for k in plain) and plain["fd_x"] == out["fd_x"]
     with pytest.raises(ValueError, match="as many rows as the samples"):
         sample_distance_metrics("fd_x", "kid_x", test, samples, reference[:20])
+
+
+def test_ncsn_eval_defaults_are_ncsns_langevin_settings():
+    """Song & Ermon (2019): T = 100 steps per noise level, ε = 2e-5."""
+    opts = NCSNEvalOptions()
+    assert (opts.langevin_steps, opts.langevin_lr) == (100, 2e-5)
+
+
+def test_ncsn_evaluation_reports_fd_intervals_and_kid_in_the_same_features():
+    from deqsm.experiments import VariantSpec, build, evaluate_variant
+
+    x = torch.rand(100, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    splits = {"train": x[:60], "val": x[60:80], "test": x[80:]}
+    labels = {"train": torch.arange(60) % 10, "test": torch.arange(20) % 10}
+    spec = VariantSpec(name="ncsn-deq", model="ncsn", variant="deq", width=4, loss={"name": "dsm"},
+                       model_options={"sigma_max": "auto", "sigma_min": 0.1, "sigma_levels": 2})
+    torch.manual_seed(0)
+    net, _ = build(spec, splits["train"])
+    opts = {"fd_samples": 16, "langevin_steps": 2, "classifier_epochs": 1, "fd_bootstrap": 30,
+            "kid_subsets": 10, "kid_subset_size": 8}
+    m, _ = evaluate_variant(spec, net, splits, opts, labels=labels)
+    for key in ("fd_digits_cnn", "fd_digits_cnn_train_vs_test"):
+        assert 0 <= m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"], key
+    assert m["fd_digits_cnn"] > m["fd_digits_cnn_train_vs_test"] > 0 and m["fd_samples"] == 16
+    assert m["kid_digits_cnn_std"] > 0 and all(math.isfinite(m[k]) for k in ("kid_digits_cnn",
+                                                                              "kid_digits_cnn_train_vs_test"))
+    assert next(k for k in m if k.endswith("_train_vs_test")) == "fd_digits_cnn_train_vs_test"

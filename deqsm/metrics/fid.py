@@ -13,6 +13,8 @@ which features were used, so numbers from different extractors are never mixed u
   Its values are not comparable with published FIDs, only with each other (same classifier, same sample size).
 
 ``extractor="auto"`` takes Inception when it is available and falls back to the digits CNN, and says why.
+:func:`image_features` gives the feature rows themselves, for the FD's interval and the KID in the same
+features (:mod:`deqsm.metrics.sample_distances`).
 """
 from __future__ import annotations
 
