@@ -36,6 +36,22 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, levels: int) -> list[fl
     return [float(sigma_max * math.exp(ratio * i)) for i in range(levels)]
 
 
+def largest_pairwise_distance(x: Tensor, *, max_rows: int = 5000, seed: int = 0, chunk: int = 1024) -> float:
+    """NCSNv2's rule for σ_1 (Song & Ermon 2020, technique 1: σ_1 as large as the largest Euclidean distance
+    between two training points, so that the first level can move a sample anywhere on the data): the largest
+    distance between two rows of ``x`` (N, ...), flattened, in float64. Exact for N <= ``max_rows``; above, over
+    ``max_rows`` rows drawn without replacement (seeded by ``seed``), which can only underestimate it."""
+    if x.dim() < 2 or x.shape[0] < 2:
+        raise ValueError(f"x must hold at least 2 rows (N, ...), got shape {tuple(x.shape)}")
+    if max_rows < 2:
+        raise ValueError(f"max_rows must be >= 2, got {max_rows}")
+    flat = x.reshape(x.shape[0], -1)
+    if flat.shape[0] > max_rows:
+        flat = flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows].to(x.device)]
+    flat = flat.double()
+    return max(float(torch.cdist(flat[i:i + chunk], flat).max()) for i in range(0, flat.shape[0], chunk))
+
+
 def _check_ladder(sigmas: Sequence[float]) -> list[float]:
     ladder = [float(s) for s in sigmas]
     if not ladder or any(not s > 0 for s in ladder):

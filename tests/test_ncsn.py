@@ -15,9 +15,9 @@ from deqsm.metrics.fid import (DigitsCNN, GivenFeatures, build_frechet_metric, c
                                frechet_distance, frechet_distance_of_features, gaussian_frechet_distance,
                                train_digits_cnn)
 from deqsm.models.conv import NormalizedConv2d, conv_operator_norm
-from deqsm.models.ncsn import NCSN, annealed_score_loss
+from deqsm.models.ncsn import NCSN, annealed_score_loss, build_ncsn
 from deqsm.registry import UnknownNameError
-from deqsm.sampling import annealed_langevin, geometric_sigmas
+from deqsm.sampling import annealed_langevin, geometric_sigmas, largest_pairwise_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,7 +218,6 @@ def test_operator_normalised_conv_reaches_its_limit_and_no_further():
 
 
 def test_ncsn_core_norm_option_reaches_the_deq_core():
-    from deqsm.models.ncsn import build_ncsn
 
     train = torch.rand(8, 1, 8, 8)
     model = build_ncsn(64, variant="deq", width=3, depth=1, deq=DEQSettings(), train=train, core_norm="operator")
@@ -323,6 +322,32 @@ def test_ncsn_sampling_runs_and_is_clamped():
     x, _ = annealed_langevin(model, torch.rand(5, 1, 4, 4), sigmas, step_lr=1e-3, steps_per_level=2,
                              clamp=(0.0, 1.0), generator=torch.Generator().manual_seed(0))
     assert x.shape == (5, 1, 4, 4) and float(x.min()) >= 0 and float(x.max()) <= 1
+
+
+def test_sigma_max_auto_is_the_largest_pairwise_distance_and_travels_in_the_weights():
+    """NCSNv2's σ_1: images in [0.25, 0.75] except one all-0 and one all-1 image, whose distance √16 = 4 is the
+    largest; the ladder starts there, and a model built with another σ_max takes it from the weights."""
+    train = 0.25 + 0.5 * torch.rand(30, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    train[7], train[19] = 0.0, 1.0
+    kw = dict(variant="explicit", width=3, depth=1, deq=DEQSettings(), train=train, sigma_min=0.1, sigma_levels=3)
+    model = build_ncsn(16, sigma_max="auto", **kw)
+    assert model.sigmas.tolist() == pytest.approx(geometric_sigmas(4.0, 0.1, 3))
+    other = build_ncsn(16, sigma_max=1.0, **kw)
+    other.load_state_dict(model.state_dict())
+    assert torch.equal(other.sigmas, model.sigmas)
+    with pytest.raises(ValueError, match="sigma_max must be a positive number or 'auto', got 'max'"):
+        build_ncsn(16, sigma_max="max", **kw)
+
+
+def test_largest_pairwise_distance_exact_in_chunks_and_a_lower_bound_when_subsampled():
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(1))
+    exact = float(torch.cdist(x.double(), x.double()).max())
+    assert largest_pairwise_distance(x) == pytest.approx(exact, rel=1e-12)
+    assert largest_pairwise_distance(x, chunk=7) == pytest.approx(exact, rel=1e-12)
+    sub = largest_pairwise_distance(x, max_rows=10, seed=3)
+    assert 0 < sub < exact and sub == largest_pairwise_distance(x, max_rows=10, seed=3)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        largest_pairwise_distance(x[:1])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ which features were used, so numbers from different extractors are never mixed u
   Its values are not comparable with published FIDs, only with each other (same classifier, same sample size).
 
 ``extractor="auto"`` takes Inception when it is available and falls back to the digits CNN, and says why.
+:func:`image_features` gives the feature rows themselves, for the FD's interval and the KID in the same
+features (:mod:`deqsm.metrics.sample_distances`).
 """
 from __future__ import annotations
 
@@ -149,6 +151,12 @@ class FrechetMetric:
     grayscale_to_rgb: bool  # Inception wants 3 channels
     note: str = ""  # why this extractor was chosen (e.g. why Inception was not)
 
+    @property
+    def kid_name(self) -> str:
+        """The name of the KID in the same features: ``kid_`` + the extractor part of :attr:`name`
+        (``fd_digits_cnn`` → ``kid_digits_cnn``, ``fid_inception`` → ``kid_inception``)."""
+        return "kid_" + self.name.split("_", 1)[1]
+
 
 def build_frechet_metric(extractor: str = "auto", *, inception_weights: str | Path | None = None,
                          classifier: DigitsCNN | None = None) -> FrechetMetric:
@@ -173,32 +181,51 @@ def build_frechet_metric(extractor: str = "auto", *, inception_weights: str | Pa
 
 
 @torch.no_grad()
+def image_features(fd: FrechetMetric, images: Tensor, *, batch_size: int = 256) -> Tensor:
+    """The feature rows (N, d), float64, of images (N, C, H, W) in [0, 1] under ``fd``'s extractor: the rows
+    its torchmetrics metric would accumulate (grayscale → RGB and clamped to [0, 1] for Inception, then
+    bytes ×255 where the metric normalises for its own Inception), so that the FD, its interval and the KID
+    of :mod:`deqsm.metrics.sample_distances` are all computed in one feature space from one pass."""
+    if images.shape[0] < 1 or not bool(torch.isfinite(images).all()):
+        raise ValueError(f"images must be a non-empty finite batch, got shape {tuple(images.shape)} "
+                         f"with {int((~torch.isfinite(images)).sum())} NaN/Inf values")
+    metric = fd.metric
+    rows = []
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start:start + batch_size].float()
+        if fd.grayscale_to_rgb:
+            chunk = (chunk.expand(-1, 3, -1, -1) if chunk.shape[1] == 1 else chunk).clamp(0, 1)
+        if metric.normalize and not metric.used_custom_model:
+            chunk = (chunk * 255).byte()
+        rows.append(metric.inception(chunk).double().reshape(chunk.shape[0], -1))
+    return torch.cat(rows)
+
+
 def frechet_distance(fd: FrechetMetric, real: Tensor, fake: Tensor, *, batch_size: int = 256) -> float:
     """FD between two image sets (B, C, H, W) in [0, 1] with the features of ``fd`` (clamped at 0: equal
-    sets give ≈ −1e-10 from round-off). The metric's state is reset first, so it can be reused."""
+    sets give ≈ −1e-10 from round-off)."""
     for name, imgs in (("real", real), ("fake", fake)):
         if imgs.shape[0] < 2:
             raise ValueError(f"the {name} set needs at least 2 images, got {imgs.shape[0]}")
         if not bool(torch.isfinite(imgs).all()):
             raise ValueError(f"the {name} set contains NaN or Inf values")
-    fd.metric.reset()
-    for imgs, is_real in ((real, True), (fake, False)):
-        for start in range(0, imgs.shape[0], batch_size):
-            chunk = imgs[start:start + batch_size].float()
-            if fd.grayscale_to_rgb and chunk.shape[1] == 1:
-                chunk = chunk.expand(-1, 3, -1, -1)
-            fd.metric.update(chunk.clamp(0, 1) if fd.grayscale_to_rgb else chunk, real=is_real)
-    return max(float(fd.metric.compute()), 0.0)
+    return frechet_distance_of_features(image_features(fd, real, batch_size=batch_size),
+                                        image_features(fd, fake, batch_size=batch_size))
 
 
+@torch.no_grad()
 def frechet_distance_of_features(real: Tensor, fake: Tensor) -> float:
-    """FD between two sets of feature rows (N, d), computed by torchmetrics (no extractor)."""
+    """FD between two sets of feature rows (N, d), computed by torchmetrics (clamped at 0)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature sets must be (N, d) with equal d, got {tuple(real.shape)} and {tuple(fake.shape)}")
-    fd = FrechetMetric("fd_features", FrechetInceptionDistance(feature=GivenFeatures(real.shape[1])), False)
-    return frechet_distance(fd, real, fake, batch_size=4096)
+    if real.shape[0] < 2 or fake.shape[0] < 2:
+        raise ValueError(f"each feature set needs at least 2 rows, got {real.shape[0]} and {fake.shape[0]}")
+    metric = FrechetInceptionDistance(feature=GivenFeatures(real.shape[1])).to(real.device)
+    metric.update(real.double(), real=True)
+    metric.update(fake.double().to(real.device), real=False)
+    return max(float(metric.compute()), 0.0)
 
 
 def gaussian_frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:

@@ -38,7 +38,7 @@ from deqsm.losses import LOSSES, LossOutput, get_score_loss
 from deqsm.models.blocks import make_conv_core
 from deqsm.models.conv import ResidualBlock
 from deqsm.models.family import EvalOptions, Headline, ModelFamily
-from deqsm.sampling import annealed_langevin, geometric_sigmas
+from deqsm.sampling import annealed_langevin, geometric_sigmas, largest_pairwise_distance
 from deqsm.train import mean_loss
 
 Tensor = torch.Tensor
@@ -135,28 +135,40 @@ def annealed_score_loss(name: str, sigmas: Sequence[float], *, generator: torch.
 # NCSN as a model family of the pipeline (model: ncsn)
 # ---------------------------------------------------------------------------------------------------
 class NCSNEvalOptions(EvalOptions):
-    """Evaluation knobs of NCSN: annealed Langevin samples and their Fréchet distance."""
+    """Evaluation knobs of NCSN: annealed Langevin samples (by default NCSN's T = 100 steps per level and
+    ε = 2e-5), their Fréchet distance with an interval for a replicate, and their KID (same features)."""
 
     fd_extractor: Literal["auto", "inception", "digits_cnn"] = Field(
         "auto", description="FD features (auto: Inception when its weights are on disk, else the digits CNN)")
     inception_weights: str | None = Field(None, description="Inception-v3 weights file (never downloaded)")
     fd_samples: int | None = Field(None, ge=2, description="samples for the FD (null: the test-set size)")
-    langevin_steps: int = Field(20, ge=1, description="annealed Langevin steps per noise level")
-    langevin_lr: float = Field(5e-5, gt=0, description="Langevin step size at the smallest σ")
+    langevin_steps: int = Field(100, ge=1, description="annealed Langevin steps per noise level (NCSN: 100)")
+    langevin_lr: float = Field(2e-5, gt=0, description="Langevin step size ε at the smallest σ (NCSN: 2e-5)")
+    fd_bootstrap: int = Field(200, ge=0, description="bootstrap resamples behind the FD intervals (0: none)")
+    fd_ci_level: float = Field(0.9, gt=0, lt=1, description="coverage the FD intervals aim at for the FD of an "
+                               "independent replicate sample of the same size")
+    kid_subsets: int = Field(100, ge=1, description="random subsets the KID is averaged over")
+    kid_subset_size: int = Field(100, ge=2, description="rows per KID subset (clamped to the number of samples)")
     classifier_epochs: int = Field(15, ge=1, description="epochs of the digits CNN behind fd_digits_cnn")
     pixel_range: Literal["unit", "symmetric"] = Field("unit", description="data range [0, 1] or [−1, 1]")
 
 
 def build_ncsn(dim: int, *, variant: str, width: int, depth: int, deq: DEQSettings, train: Tensor,
-               sigma_max: float = 1.0, sigma_min: float = 0.01, sigma_levels: int = 10,
+               sigma_max: float | Literal["auto"] = 1.0, sigma_min: float = 0.01, sigma_levels: int = 10,
                core_norm: str | None = None) -> NCSN:
     """An :class:`NCSN` for images (N, C, H, W) with ``width`` channels and the geometric σ ladder
-    (registered as the buffer ``sigmas``, so the weights file carries it). ``core_norm`` overrides
-    ``deq.norm`` for the DEQ core's convolution (``operator``: its exact operator norm, see
-    :mod:`deqsm.models.ncsn`)."""
+    (registered as the buffer ``sigmas``, so the weights file carries it). ``sigma_max="auto"``: NCSNv2's
+    rule, the largest pairwise distance between training images
+    (:func:`deqsm.sampling.largest_pairwise_distance`; exact up to 5000 images, over 5000 of them beyond).
+    ``core_norm`` overrides ``deq.norm`` for the DEQ core's convolution (``operator``: its exact operator
+    norm, see :mod:`deqsm.models.ncsn`)."""
     if train.dim() != 4:
         raise ValueError(f"NCSN needs image data (N, C, H, W), got shape {tuple(train.shape)}: prepare an image "
                          "dataset (digits, mnist, cifar10, celeba64)")
+    if sigma_max == "auto":
+        sigma_max = largest_pairwise_distance(train)
+    elif isinstance(sigma_max, str):
+        raise ValueError(f"sigma_max must be a positive number or 'auto', got {sigma_max!r}")
     if core_norm is not None:
         deq = DEQSettings(**{**deq.model_dump(), "norm": core_norm})
     model = NCSN(train.shape[1], width, variant=variant, depth=depth, deq=deq)
@@ -212,9 +224,11 @@ def evaluate_ncsn(model: NCSN, splits: dict[str, Tensor], opts: "NCSNEvalOptions
                   true_density: Any = None, labels: dict[str, Tensor] | None = None) -> tuple[dict[str, float], Tensor]:
     """The test loss, and ``opts.fd_samples`` samples by annealed Langevin dynamics (uniform start on the
     data range, ``opts.langevin_steps`` per level, step ``opts.langevin_lr`` at the smallest σ) with their
-    Fréchet distance to the test split; for scale, the same distance between training and test images."""
-    from deqsm.metrics.fid import build_frechet_metric, classifier_accuracy, frechet_distance, \
+    Fréchet distance and KID to the test split, and for scale the same between as many training images and
+    the test split (:func:`deqsm.metrics.sample_distances.sample_distance_metrics` names the keys)."""
+    from deqsm.metrics.fid import build_frechet_metric, classifier_accuracy, image_features, \
         inception_unavailable_reason
+    from deqsm.metrics.sample_distances import sample_distance_metrics
     device = next(model.parameters()).device
     train, test = splits["train"], splits["test"]
     lo, hi = (-1.0, 1.0) if opts.pixel_range == "symmetric" else (0.0, 1.0)
@@ -241,9 +255,10 @@ def evaluate_ncsn(model: NCSN, splits: dict[str, Tensor], opts: "NCSNEvalOptions
     samples, _ = annealed_langevin(model, x0, [float(s) for s in model.sigmas], step_lr=opts.langevin_lr,
                                    steps_per_level=opts.langevin_steps, clamp=(lo, hi), generator=gen)
     model.train(was_training)
-    out[fd.name] = frechet_distance(fd, unit(test), unit(samples))
     ref = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(opts.seed))[:n]]
-    out[f"{fd.name}_train_vs_test"] = frechet_distance(fd, unit(test), unit(ref))
+    out.update(sample_distance_metrics(
+        fd.name, fd.kid_name, *(image_features(fd, unit(t)) for t in (test, samples, ref)), boots=opts.fd_bootstrap,
+        level=opts.fd_ci_level, kid_subsets=opts.kid_subsets, kid_subset_size=opts.kid_subset_size, seed=opts.seed))
     out["fd_samples"] = float(n)
     return out, unit(samples[:64])
 
