@@ -135,11 +135,11 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
                          r["main_unreliable"] or None).cell(spec)
         floor = Estimate(r["fd_train_vs_test"], low=r["fd_train_vs_test_ci_low"],
                          high=r["fd_train_vs_test_ci_high"]).cell(spec)
-        kid_cell = Estimate(r["kid"], r["kid_std"]).cell(".4f")
+        kid_cell = Estimate(r["kid"], r["kid_std"]).cell(".4g")
         cells = {"bits/dim": fmt(r["test_bpd"], ".3f"), "IS effective samples": fmt(r["test_is_ess"], ",.0f"),
                  "KDE ELBO (diagnostic, biased up)": fmt(r["test_elbo"], ".3f"),
                  "IW bound (nats)": fmt(r["test_iw_loglik"], ".3f"), "train-vs-test FD (floor)": floor,
-                 "train-vs-test KID": fmt(r["kid_train_vs_test"], ".4f")}
+                 "train-vs-test KID": fmt(r["kid_train_vs_test"], ".4g")}
         mem = fmt(r["peak_mib"], ".3f")
         if len(kinds) > 1 and mem != DASH:
             mem += f" ({r['memory_kind']})"
@@ -170,7 +170,9 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
     elif fd:
         notes.append(f"`{main.key}`: Fréchet distance between annealed-Langevin samples and the test images "
                      f"(features: {'Inception-v3' if main.key.startswith('fid_') else 'a digits classifier trained on the training split'}; "
-                     "covariances not rescaled); [low, high]: its bootstrap interval. The train-vs-test FD is the "
+                     "covariances not rescaled); [low, high]: an interval (level `fd_ci_level`, default 90%) for the distance a second, independent set of "
+                     "samples of the same size would score (bootstrap of the samples, test images fixed; "
+                     "`deqsm.metrics.sample_distances`). The train-vs-test FD is the "
                      "same distance between training and test images at the same sample size: the floor a perfect "
                      "sampler would score." + (f" {kid}: the kernel inception distance (torchmetrics) on the same "
                                              "features, unbiased at small sample sizes; ± its standard deviation "
