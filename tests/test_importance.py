@@ -9,9 +9,8 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from deqsm.metrics.density import importance_log_normaliser
-from deqsm.metrics.proposals import (DefensiveKDEProposal, GaussianProposal, data_proposal, scott_factor,
-                                     select_kde_bandwidth)
+from deqsm.metrics.density import importance_log_normaliser, pilot_bandwidth
+from deqsm.metrics.proposals import SCOTT_MULTIPLES, DefensiveKDEProposal, GaussianProposal, kde_centres, scott_factor
 from deqsm.models.density import DensityEvalOptions, evaluate_density
 
 
@@ -67,16 +66,18 @@ def test_defensive_kde_is_a_normalised_density_whose_samples_follow_it(float64):
     assert torch.allclose(x.t() @ x / x.shape[0], second, atol=0.05)
 
 
-def test_bandwidth_is_chosen_on_validation_rows():
-    model = RingEnergy(std=0.1)
-    splits = ring_splits(model)
-    scott = scott_factor(400, 2)
-    assert select_kde_bandwidth(splits["train"]) == scott
-    chosen = select_kde_bandwidth(splits["train"], splits["val"])
-    assert chosen < scott  # the rings are far narrower than the rows' overall spread
-    score = lambda h: float(DefensiveKDEProposal(splits["train"], h, defensive_weight=1e-9).kde.log_prob(  # noqa: E731
-        splits["val"]).mean())
-    assert score(chosen) > max(score(scott), score(chosen * 4), score(chosen / 4))
+@pytest.mark.parametrize("std,narrower", [(0.03, True), (1.0, False)])
+def test_pilot_bandwidth_follows_the_model(std, narrower):
+    """On the same data (rings of std 0.1) the pilot picks narrower kernels for a sharper model than for a
+    broader one: it follows the model, not the data."""
+    data_model = RingEnergy(std=0.1)
+    centres = kde_centres(ring_splits(data_model)["train"], max_rows=300)
+    model = RingEnergy(std=std)
+    h, ess = pilot_bandwidth(lambda x: -model(x).detach(), centres, n_pilot=1000,
+                             generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    scott = scott_factor(300, 2)
+    assert len(ess) == len(SCOTT_MULTIPLES) and h == pytest.approx(scott * SCOTT_MULTIPLES[ess.index(max(ess))])
+    assert (h < scott / 2) if narrower else (h >= scott)
 
 
 @pytest.mark.parametrize("true_log_z", [0.0, 3.7])
@@ -85,14 +86,17 @@ def test_data_proposal_recovers_a_known_log_z_with_more_effective_samples(true_l
     splits = ring_splits(model)
     log_p = lambda x: -model(x).detach()  # noqa: E731
     kw = dict(n_samples=4000, batch_size=1500, dtype=torch.float32)
-    data = importance_log_normaliser(log_p, data_proposal(splits["train"], splits["val"]),
-                                     generator=torch.Generator().manual_seed(1), **kw)
+    gen = torch.Generator().manual_seed(1)
+    centres = kde_centres(splits["train"])
+    h, _ = pilot_bandwidth(log_p, centres, n_pilot=1000, generator=gen, dtype=torch.float32)
+    data = importance_log_normaliser(log_p, DefensiveKDEProposal(centres, h), generator=gen, **kw)
     broad = importance_log_normaliser(log_p, GaussianProposal(2, 2.0), generator=torch.Generator().manual_seed(1), **kw)
     assert abs(data.log_z - true_log_z) < 4 * data.se and data.se < 0.05
     assert data.ess > 5 * broad.ess and data.max_weight < broad.max_weight
 
 
 def test_collapsed_effective_sample_size_is_flagged_unreliable():
+    """A sharp model: the broad Gaussian's ESS collapses (flagged), the data proposal's does not."""
     model = RingEnergy(std=0.01)  # sharp: N(0, 4I) rarely lands within 0.01 of a component
     splits = ring_splits(model)
     broad = evaluate(model, splits, is_proposal="gaussian", is_ess_floor=100)
@@ -102,9 +106,11 @@ def test_collapsed_effective_sample_size_is_flagged_unreliable():
     assert broad["test_is_max_weight"] > 10 * data["test_is_max_weight"]
     for m in (broad, data):
         assert m["test_is_ess_fraction"] == pytest.approx(m["test_is_ess"] / 2000)
+        assert m["test_is_max_weight"] <= 1 / math.sqrt(m["test_is_ess"])
         assert math.isfinite(m["test_loglik"])  # kept: a number, flagged rather than dropped
     exact = float(model.log_prob(splits["test"]).detach().mean())  # log Z = 0: the log-likelihood is known
     assert abs(data["test_loglik"] - exact) < 4 * data["test_loglik_se"] + 1e-3
+    assert "test_is_kde_bandwidth" in data and "test_is_kde_bandwidth" not in broad
     strict = evaluate(model, splits, is_proposal="data", is_ess_floor=2001)  # more than the samples drawn
     assert strict["test_loglik_reliable"] == 0.0 and strict["test_loglik"] == data["test_loglik"]
 

@@ -5,6 +5,7 @@
   data with 10⁶ samples at final evaluation, or a defensive KDE of the training rows), streamed in batches
   so memory stays bounded, with the Monte-Carlo standard error of log Ẑ by the delta method:
   se(log Ẑ) ≈ sd(w) / (√N · mean(w)), w = p̃/q, the effective sample size and the largest normalised weight.
+- :func:`pilot_bandwidth`: the defensive KDE proposal's bandwidth with the largest pilot ESS under the model.
 - :func:`bits_per_dim`: bits/dim of dequantised pixels from the log-density of their logit transform
   y = logit(α + (1 − 2α) u), u = (pixel + U[0,1)) / levels, adding the transform's log-Jacobian.
 - :func:`fisher_divergence`: ½ E‖s_model(x) − s_true(x)‖² where the true score is known (synthetic data).
@@ -17,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from deqsm.metrics.proposals import Proposal
+from deqsm.metrics.proposals import SCOTT_MULTIPLES, DefensiveKDEProposal, Proposal, scott_factor
 
 Tensor = torch.Tensor
 
@@ -82,6 +83,30 @@ def importance_log_normaliser(
     return LogNormaliser(log_z=float(lse1) - log_n, se=math.sqrt(rel_var / (n_samples - 1)),
                          n_samples=n_samples, ess=float(torch.exp(2 * lse1 - lse2)),
                          max_weight=float(torch.exp(log_w_max - lse1)))
+
+
+def pilot_bandwidth(
+    log_unnormalised: Callable[[Tensor], Tensor],
+    centres: Tensor,
+    *,
+    n_pilot: int,
+    multiples: tuple[float, ...] = SCOTT_MULTIPLES,
+    scale: float = 2.0,
+    defensive_weight: float = 0.1,
+    **sampling: Any,
+) -> tuple[float, list[float]]:
+    """The kernel bandwidth factor of a :class:`~deqsm.metrics.proposals.DefensiveKDEProposal` on ``centres``
+    that follows the model: Scott's factor times the one of ``multiples`` whose proposal gives the largest
+    effective sample size on ``n_pilot`` pilot draws. Returns it and the pilot ESS per multiple.
+
+    The pilot's draws are its own (pass the same generator on to the final estimate: its draws then follow
+    these), so the choice does not bias the final log Ẑ. ``sampling``: ``batch_size``, ``generator``,
+    ``device`` and ``dtype`` of :func:`importance_log_normaliser`."""
+    scott = scott_factor(centres.shape[0], centres.flatten(1).shape[1])
+    ess = [importance_log_normaliser(log_unnormalised, DefensiveKDEProposal(centres, scott * m, scale=scale,
+                                                                            defensive_weight=defensive_weight),
+                                     n_samples=n_pilot, **sampling).ess for m in multiples]
+    return scott * multiples[max(range(len(multiples)), key=ess.__getitem__)], ess
 
 
 def logit_log_jacobian(y: Tensor, alpha: float) -> Tensor:

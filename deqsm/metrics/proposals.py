@@ -8,8 +8,8 @@ every model, whatever device it runs on).
   where the model's mass is expected (its training rows: the model was fit to them) made *defensive*
   (Hesterberg 1995) by the broad Gaussian: wherever the KDE misses mass, q ≥ w · N(0, s² I), so the weights
   p̃/q stay within 1/w of those of the broad proposal alone.
-- :func:`select_kde_bandwidth`: the kernel bandwidth: the factor (of Scott's rule) that maximises the
-  validation rows' mean log-density under the KDE, over a small grid; Scott's rule without validation rows.
+- :func:`kde_centres`: the kernels' centres, a subset of the training rows. The bandwidth is chosen with
+  the model (:func:`deqsm.metrics.density.pilot_bandwidth`), among multiples of :func:`scott_factor`.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import torch
 
 Tensor = torch.Tensor
 
-# Kernel-bandwidth grid searched by select_kde_bandwidth, as multiples of Scott's factor n^(−1/(d+4)).
-SCOTT_MULTIPLES = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
+# Kernel bandwidths a pilot run compares, as multiples of Scott's factor n^(−1/(d+4)): from far narrower than
+# the data's spread (a sharp model of clustered data) to about that of the broad proposal.
+SCOTT_MULTIPLES = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0)
 _PAIRS_PER_CHUNK = 1 << 22  # (row, centre) pairs per chunk of a KDE log-density: bounds its memory
 
 
@@ -121,29 +122,12 @@ def scott_factor(n: int, dim: int) -> float:
     return n ** (-1.0 / (dim + 4))
 
 
-def select_kde_bandwidth(centres: Tensor, val: Tensor | None = None,
-                         multiples: tuple[float, ...] = SCOTT_MULTIPLES) -> float:
-    """The bandwidth factor h of the KDE on ``centres``: Scott's factor times the one of ``multiples`` under
-    which the validation rows ``val`` have the largest mean log-density; Scott's factor when ``val`` is None
-    or empty. Selecting on validation rows, never test rows, keeps the test log-likelihood honest."""
-    c = centres.flatten(1)
-    scott = scott_factor(c.shape[0], c.shape[1])
-    if val is None or val.shape[0] == 0:
-        return scott
-    scores = [float(_KDE(c, scott * m).log_prob(val.flatten(1)).mean()) for m in multiples]
-    return scott * multiples[max(range(len(multiples)), key=scores.__getitem__)]
-
-
-def data_proposal(train: Tensor, val: Tensor | None = None, *, max_rows: int = 2000, bandwidth: float | None = None,
-                  scale: float = 2.0, defensive_weight: float = 0.1, seed: int = 0) -> DefensiveKDEProposal:
-    """The defensive KDE proposal on up to ``max_rows`` training rows (a seeded random subset: the KDE's cost
-    grows with its centres), with bandwidth factor ``bandwidth`` or, when None, :func:`select_kde_bandwidth`
-    on ``val``."""
+def kde_centres(train: Tensor, max_rows: int = 2000, seed: int = 0) -> Tensor:
+    """Up to ``max_rows`` training rows (a seeded random subset; the KDE's cost grows with its centres),
+    flattened, float64 on the CPU."""
     if max_rows < 2:
         raise ValueError(f"the data proposal needs >= 2 kernel centres, got max_rows = {max_rows}")
     rows = train.flatten(1).double().cpu()
     if rows.shape[0] > max_rows:
         rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]]
-    if bandwidth is None:
-        bandwidth = select_kde_bandwidth(rows, None if val is None else val.flatten(1).double().cpu())
-    return DefensiveKDEProposal(rows, bandwidth, scale=scale, defensive_weight=defensive_weight)
+    return rows

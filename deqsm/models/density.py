@@ -17,8 +17,9 @@ from pydantic import Field
 from torch import nn
 
 from deqsm.losses import LossOutput, get_loss
-from deqsm.metrics.density import bits_per_dim, fisher_divergence, importance_log_normaliser, true_score_function
-from deqsm.metrics.proposals import GaussianProposal, Proposal, data_proposal
+from deqsm.metrics.density import (bits_per_dim, fisher_divergence, importance_log_normaliser, pilot_bandwidth,
+                                   true_score_function)
+from deqsm.metrics.proposals import DefensiveKDEProposal, GaussianProposal, kde_centres
 from deqsm.models.family import EvalOptions
 from deqsm.train import Objective, mean_loss
 
@@ -41,8 +42,10 @@ class DensityEvalOptions(EvalOptions):
                                                      "proposal's kernels; its cost grows with them")
     is_kde_bandwidth: float | None = Field(
         None, gt=0, description="the 'data' proposal's kernel bandwidth factor h (kernel covariance h² × the rows' "
-                                "covariance); null: Scott's factor times the multiple with the best validation "
-                                "log-density (Scott's factor alone without validation rows)")
+                                "covariance); null: the one of Scott's factor × (1/16 … 4) with the largest "
+                                "pilot ESS under the model")
+    is_pilot_samples: int = Field(2000, ge=2, description="proposal draws per candidate bandwidth of the pilot "
+                                                          "(7 candidates; only with is_kde_bandwidth null)")
     is_ess_floor: float = Field(500, ge=0, description="effective importance samples (a count, not a fraction) "
                                 "below which test_loglik is flagged unreliable (test_loglik_reliable = 0); 500 "
                                 "keeps se(log Ẑ) ≈ 1/√ESS under 0.05 nats")
@@ -69,18 +72,21 @@ def _batched_mean(fn: Callable[[Tensor], Tensor], data: Tensor, batch_size: int)
     return float(values.mean()), se
 
 
-def importance_proposal(splits: dict[str, Tensor], opts: DensityEvalOptions, dim: int) -> Proposal:
-    """The importance proposal ``opts.is_proposal`` names, in the space of the rows the model sees (the
-    splits as given: whitened data stay whitened); 'data' is fitted to ``splits["train"]`` (its bandwidth
-    chosen on ``splits["val"]`` when present)."""
-    if opts.is_proposal == "gaussian":
-        return GaussianProposal(dim, opts.is_scale)
+def data_proposal(model: nn.Module, splits: dict[str, Tensor], opts: DensityEvalOptions,
+                  **sampling: Any) -> tuple[DefensiveKDEProposal, dict[str, float]]:
+    """The 'data' proposal, in the space of the rows the model sees (the splits as given: whitened data stay
+    whitened): kernels on ``splits["train"]`` (the model was fit to them), bandwidth ``is_kde_bandwidth`` or
+    the pilot's choice (:func:`pilot_bandwidth`, drawing from ``sampling["generator"]``); and its figures."""
     if "train" not in splits:
         raise ValueError("is_proposal 'data' fits the proposal to the training rows, but splits has no 'train' "
                          f"(keys: {sorted(splits)}); pass them or use is_proposal 'gaussian'")
-    return data_proposal(splits["train"], splits.get("val"), max_rows=opts.is_kde_rows,
-                         bandwidth=opts.is_kde_bandwidth, scale=opts.is_scale,
-                         defensive_weight=opts.is_defensive_weight, seed=opts.seed)
+    centres = kde_centres(splits["train"], opts.is_kde_rows, opts.seed)
+    bandwidth = opts.is_kde_bandwidth
+    if bandwidth is None:
+        bandwidth, _ = pilot_bandwidth(lambda x: -model(x), centres, n_pilot=opts.is_pilot_samples,
+                                       scale=opts.is_scale, defensive_weight=opts.is_defensive_weight, **sampling)
+    proposal = DefensiveKDEProposal(centres, bandwidth, scale=opts.is_scale, defensive_weight=opts.is_defensive_weight)
+    return proposal, {"test_is_kde_bandwidth": bandwidth}
 
 
 def evaluate_density(model: nn.Module, splits: dict[str, Tensor], opts: DensityEvalOptions, spec: Any, *,
@@ -92,7 +98,8 @@ def evaluate_density(model: nn.Module, splits: dict[str, Tensor], opts: DensityE
       dimension is at most ``sm_max_dim``);
     - ``test_loglik`` (nats per sample) with ``test_loglik_sample_se`` (over test rows): exact when
       ``normalised`` (plus ``test_bpd`` when ``logit_alpha`` is given), otherwise mean(−E) − log Ẑ by
-      importance sampling (proposal: :func:`importance_proposal`) with ``test_log_z``, ``test_loglik_se`` (the
+      importance sampling (proposal ``is_proposal``; 'data': :func:`data_proposal`, with
+      ``test_is_kde_bandwidth``, its kernel bandwidth factor) with ``test_log_z``, ``test_loglik_se`` (the
       Monte-Carlo error of log Ẑ, delta method), ``test_is_ess`` (effective samples), ``test_is_ess_fraction``
       (of ``is_samples``) and ``test_is_max_weight`` (the largest normalised weight);
     - ``test_loglik_reliable``: 1.0, or 0.0 when log Ẑ rests on fewer than ``is_ess_floor`` effective
@@ -128,9 +135,13 @@ def evaluate_density(model: nn.Module, splits: dict[str, Tensor], opts: DensityE
     else:
         with torch.no_grad():
             mean_log_p, sample_se = _batched_mean(lambda x: -model(x), test, opts.batch_size)
-        log_z = importance_log_normaliser(lambda x: -model(x), importance_proposal(splits, opts, dim),
-                                          n_samples=opts.is_samples, batch_size=opts.is_batch_size, generator=gen(),
-                                          device=device, dtype=test.dtype)
+        sampling = dict(batch_size=opts.is_batch_size, generator=gen(), device=device, dtype=test.dtype)
+        if opts.is_proposal == "data":
+            proposal, figures = data_proposal(model, splits, opts, **sampling)
+            out.update(figures)
+        else:
+            proposal = GaussianProposal(dim, opts.is_scale)
+        log_z = importance_log_normaliser(lambda x: -model(x), proposal, n_samples=opts.is_samples, **sampling)
         out.update(test_loglik=mean_log_p - log_z.log_z, test_loglik_se=log_z.se, test_log_z=log_z.log_z,
                    test_is_ess=log_z.ess, test_is_ess_fraction=log_z.ess / log_z.n_samples,
                    test_is_max_weight=log_z.max_weight, test_loglik_sample_se=sample_se)
