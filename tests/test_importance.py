@@ -80,6 +80,21 @@ def test_pilot_bandwidth_follows_the_model(std, narrower):
     assert (h < scott / 2) if narrower else (h >= scott)
 
 
+def test_pilot_is_not_fooled_by_mass_its_narrow_candidates_never_reach():
+    """Half the model's mass is a blob the data never show: narrow kernels on the data see only the rings,
+    and judged by their own draws they look excellent while missing half of Z. The pooled pilot sees the
+    blob through the broad candidates' draws and keeps the broad kernels."""
+    rings = RingEnergy(std=0.05)
+    blob = torch.distributions.MultivariateNormal(torch.tensor([3.0, 3.0]), 0.3**2 * torch.eye(2))
+    log_p = lambda x: torch.logaddexp(rings.log_prob(x).detach(), blob.log_prob(x)) - math.log(2)  # noqa: E731
+    centres = kde_centres(ring_splits(rings)["train"])
+    scott = scott_factor(400, 2)
+    for seed in range(4):
+        h, fractions = pilot_bandwidth(log_p, centres, n_pilot=1000, generator=torch.Generator().manual_seed(seed),
+                                       dtype=torch.float32)
+        assert h >= scott and max(fractions) < 0.1, (seed, h / scott, fractions)
+
+
 @pytest.mark.parametrize("true_log_z", [0.0, 3.7])
 def test_data_proposal_recovers_a_known_log_z_with_more_effective_samples(true_log_z):
     model = RingEnergy(std=0.1, log_z=true_log_z)

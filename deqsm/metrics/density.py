@@ -5,7 +5,7 @@
   data with 10⁶ samples at final evaluation, or a defensive KDE of the training rows), streamed in batches
   so memory stays bounded, with the Monte-Carlo standard error of log Ẑ by the delta method:
   se(log Ẑ) ≈ sd(w) / (√N · mean(w)), w = p̃/q, the effective sample size and the largest normalised weight.
-- :func:`pilot_bandwidth`: the defensive KDE proposal's bandwidth with the largest pilot ESS under the model.
+- :func:`pilot_bandwidth`: the defensive KDE proposal's bandwidth with the largest pilot-estimated ESS under the model.
 - :func:`bits_per_dim`: bits/dim of dequantised pixels from the log-density of their logit transform
   y = logit(α + (1 − 2α) u), u = (pixel + U[0,1)) / levels, adding the transform's log-Jacobian.
 - :func:`fisher_divergence`: ½ E‖s_model(x) − s_true(x)‖² where the true score is known (synthetic data).
@@ -93,20 +93,37 @@ def pilot_bandwidth(
     multiples: tuple[float, ...] = SCOTT_MULTIPLES,
     scale: float = 2.0,
     defensive_weight: float = 0.1,
-    **sampling: Any,
+    batch_size: int = 10_000,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> tuple[float, list[float]]:
     """The kernel bandwidth factor of a :class:`~deqsm.metrics.proposals.DefensiveKDEProposal` on ``centres``
-    that follows the model: Scott's factor times the one of ``multiples`` whose proposal gives the largest
-    effective sample size on ``n_pilot`` pilot draws. Returns it and the pilot ESS per multiple.
+    that follows the model: Scott's factor times the one of ``multiples`` with the largest estimated ESS
+    fraction 1/ρ_h, ρ_h = E_{q_h}[w_h²] / Z² = ∫ p̃²/q_h / Z². Returns it and the fractions.
 
-    The pilot's draws are its own (pass the same generator on to the final estimate: its draws then follow
-    these), so the choice does not bias the final log Ẑ. ``sampling``: ``batch_size``, ``generator``,
-    ``device`` and ``dtype`` of :func:`importance_log_normaliser`."""
+    ρ_h is estimated for every candidate q_h from one pooled pilot: ``n_pilot`` draws of each candidate,
+    weighted against their equal mixture g (∫ p̃²/q_h = E_g[p̃² / (q_h g)]). Judging a narrow candidate by
+    its own draws alone would miss the mass it never reaches and overrate it; the broader candidates' draws
+    see that mass. The pilot's draws are its own (pass the same generator on to the final estimate: its
+    draws then follow these), so the choice does not bias the final log Ẑ."""
+    if n_pilot < 1:
+        raise ValueError(f"the pilot needs >= 1 draw per candidate bandwidth, got {n_pilot}")
     scott = scott_factor(centres.shape[0], centres.flatten(1).shape[1])
-    ess = [importance_log_normaliser(log_unnormalised, DefensiveKDEProposal(centres, scott * m, scale=scale,
-                                                                            defensive_weight=defensive_weight),
-                                     n_samples=n_pilot, **sampling).ess for m in multiples]
-    return scott * multiples[max(range(len(multiples)), key=ess.__getitem__)], ess
+    candidates = [DefensiveKDEProposal(centres, scott * m, scale=scale, defensive_weight=defensive_weight)
+                  for m in multiples]
+    x = torch.cat([q.sample(n_pilot, generator) for q in candidates]).to(dtype or torch.get_default_dtype())
+    with torch.no_grad():
+        log_p = torch.cat([log_unnormalised(b.to(device)).double().cpu() for b in x.split(batch_size)])
+    log_q = torch.stack([q.log_prob(x) for q in candidates])  # (candidates, draws)
+    log_g = torch.logsumexp(log_q, 0) - math.log(len(candidates))
+    if not bool(torch.isfinite(log_p - log_g).all()):
+        raise ValueError("non-finite log importance weights in the pilot: the model's log-density overflowed")
+    log_n = math.log(x.shape[0])
+    log_z = torch.logsumexp(log_p - log_g, 0) - log_n
+    log_rho = torch.logsumexp(2 * log_p - log_q - log_g, 1) - log_n - 2 * log_z
+    fractions = torch.exp(-log_rho).tolist()
+    return scott * multiples[int(torch.argmin(log_rho))], fractions
 
 
 def logit_log_jacobian(y: Tensor, alpha: float) -> Tensor:

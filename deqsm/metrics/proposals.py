@@ -1,6 +1,6 @@
 """Importance-sampling proposals for log Z of an unnormalised density (:func:`deqsm.metrics.density.
-importance_log_normaliser`): exact densities that can be sampled, in float64 on the CPU (the same draws for
-every model, whatever device it runs on).
+importance_log_normaliser`): exact densities that can be sampled, in float64 on the CPU (draws that do not
+depend on the device the model runs on).
 
 - :class:`GaussianProposal`: the broad N(0, s² I) of the paper (s = 2 on whitened data). It knows nothing of
   the model, so a model whose mass sits in a small part of its support gets few useful samples.

@@ -43,9 +43,9 @@ class DensityEvalOptions(EvalOptions):
     is_kde_bandwidth: float | None = Field(
         None, gt=0, description="the 'data' proposal's kernel bandwidth factor h (kernel covariance h² × the rows' "
                                 "covariance); null: the one of Scott's factor × (1/16 … 4) with the largest "
-                                "pilot ESS under the model")
-    is_pilot_samples: int = Field(2000, ge=2, description="proposal draws per candidate bandwidth of the pilot "
-                                                          "(7 candidates; only with is_kde_bandwidth null)")
+                                "pilot-estimated ESS under the model")
+    is_pilot_samples: int = Field(2000, ge=1, description="draws per candidate bandwidth of the pooled pilot that "
+                                                          "chooses it (7 candidates; only with is_kde_bandwidth null)")
     is_ess_floor: float = Field(500, ge=0, description="effective importance samples (a count, not a fraction) "
                                 "below which test_loglik is flagged unreliable (test_loglik_reliable = 0); 500 "
                                 "keeps se(log Ẑ) ≈ 1/√ESS under 0.05 nats")
