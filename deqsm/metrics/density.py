@@ -30,7 +30,7 @@ class LogNormaliser:
     Attributes:
         log_z: log of the mean importance weight.
         se: its Monte-Carlo standard error (delta method). Computed from the same weights, so it is itself
-            unreliable when the weights are (small ``ess``): a collapsed estimate can report a small se.
+            unreliable when the weights are degenerate (small ``ess``): a collapsed estimate can report a small se.
         n_samples: number of proposal samples.
         ess: effective sample size (Σw)² / Σw², in samples (not a fraction) — small values flag an
             unreliable estimate.

@@ -33,9 +33,9 @@ class DensityEvalOptions(EvalOptions):
     is_scale: float = Field(2.0, gt=0, description="proposal N(0, is_scale² I); 2 → N(0, 4I) as in the paper")
     is_batch_size: int = Field(4096, ge=1, description="proposal samples per batch (bounds memory)")
     is_proposal: Literal["data", "gaussian"] = Field(
-        "data", description="importance proposal for log Z: 'data' = (1 − is_defensive_weight) · a Gaussian KDE of "
-                            "the training rows + is_defensive_weight · N(0, is_scale² I); 'gaussian' = N(0, is_scale² I) "
-                            "alone (the paper's)")
+        "data", description="importance proposal for log Z: 'data' = (1 − is_defensive_weight) · a Gaussian KDE "
+                            "of the training rows + is_defensive_weight · N(0, is_scale² I); 'gaussian' = "
+                            "N(0, is_scale² I) alone (the paper's)")
     is_defensive_weight: float = Field(0.1, gt=0, lt=1, description="weight of the broad N(0, is_scale² I) in the "
                                        "'data' proposal: importance weights stay within 1/weight of the broad one's")
     is_kde_rows: int = Field(2000, ge=2, description="training rows (a seeded random subset) that centre the 'data' "
