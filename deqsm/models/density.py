@@ -4,8 +4,10 @@ density-estimation experiments report them (sections 4.2 and 4.3).
 - :func:`energy_objective`: any registered score-matching loss on the model's energy (its forward), or
   ``mle`` (maximum likelihood) for a normalised model.
 - :func:`evaluate_density`: test losses and the test log-likelihood — exact for a normalised model (NICE,
-  plus bits/dim), else mean(−E) − log Ẑ with log Z importance-sampled — and, when the true density is
-  known (generated data), the Fisher divergence. Options: :class:`DensityEvalOptions`.
+  plus bits/dim), else mean(−E) − log Ẑ with log Z importance-sampled (from a defensive KDE of the training
+  rows, :func:`data_proposal`, or the paper's N(0, s² I)) and flagged unreliable below an effective-sample
+  floor — and, when the true density is known (generated data), the Fisher divergence. Options:
+  :class:`DensityEvalOptions`.
 """
 from __future__ import annotations
 
