@@ -9,6 +9,7 @@ import torch
 from deqsm.config import DEQSettings
 from deqsm.losses import get_loss
 from deqsm.metrics.density import importance_log_normaliser
+from deqsm.metrics.proposals import GaussianProposal
 from deqsm.models.dkef import ALPHA_SYSTEMS, DKEFObjective, build_dkef
 from deqsm.train import TrainSettings, fit
 
@@ -75,7 +76,7 @@ def test_importance_sampled_log_z_agrees_with_numerical_integration(float64, dim
     model.alpha.copy_(torch.tensor([1.5, -1.0, 2.0, 0.5, -0.8]))
     exact = _grid_log_z(model, lim, n, dim)
     assert abs(exact) > 0.05  # the kernels move log Z away from q0's 0
-    est = importance_log_normaliser(model.log_unnormalised, dim, n_samples=40_000, scale=2.0, batch_size=7000,
+    est = importance_log_normaliser(model.log_unnormalised, GaussianProposal(dim, 2.0), n_samples=40_000, batch_size=7000,
                                     generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert 0 < est.se < 0.05
     assert abs(est.log_z - exact) < 4 * est.se + 1e-3
@@ -83,8 +84,9 @@ def test_importance_sampled_log_z_agrees_with_numerical_integration(float64, dim
 
 def test_importance_sampling_of_a_gaussian_has_zero_error_when_proposal_is_exact(float64):
     log_q = lambda x: -0.5 * (x / 2).pow(2).sum(1) - 2 * math.log(2) - math.log(2 * math.pi)  # noqa: E731
-    est = importance_log_normaliser(lambda x: log_q(x) + 3.0, 2, n_samples=1000, batch_size=300)
+    est = importance_log_normaliser(lambda x: log_q(x) + 3.0, GaussianProposal(2, 2.0), n_samples=1000, batch_size=300)
     assert est.log_z == pytest.approx(3.0, abs=1e-9) and est.se < 1e-9 and est.ess == pytest.approx(1000)
+    assert est.max_weight == pytest.approx(1e-3)
 
 
 def test_finalise_solves_the_accumulated_system(float64):
@@ -128,7 +130,7 @@ def test_short_fit_recovers_a_gaussian_density():
     objective = DKEFObjective("sm", {}, train)
     fit(model, objective, train, val, TrainSettings(steps=150, batch_size=100, lr=1e-2, eval_every=50, progress=False))
     model.fit_alpha(train, "sm")
-    est = importance_log_normaliser(lambda x: -model(x), 2, n_samples=20_000, generator=torch.Generator().manual_seed(0))
+    est = importance_log_normaliser(lambda x: -model(x), GaussianProposal(2), n_samples=20_000, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         loglik = float((-model(test)).mean()) - est.log_z
     true_loglik = float(true.log_prob(test).mean())
