@@ -89,7 +89,7 @@ def test_ncsn_table_shows_the_interval_floor_and_kid():
     assert row["fd_digits_cnn (lower is better)"] == "40.00 [37.00, 44.00]"
     assert row["train-vs-test FD (floor)"] == "12.00 [10.00, 15.00]"
     assert row["kid_digits_cnn ± std"] == "0.2 ± 0.01" and row["train-vs-test KID"] == "0.001"
-    assert "bootstrap interval" in md and "floor" in md
+    assert "bootstrap of the samples" in md and "floor" in md
 
 
 def test_density_table_marks_an_unreliable_loglik():

@@ -140,9 +140,14 @@ def caveats(s: Settings, datas: list[ExperimentData], all_rows: dict[str, list[d
         ess = [number(m.get("test_is_ess")) for m in data.metrics.values()]
         ess = [e for e in ess if e is not None]
         if ess:
-            n_is = experiment_eval_options(s, data.name).get("is_samples", DensityEvalOptions().is_samples)
-            out.append(f"`{data.name}`: log-likelihoods use an importance-sampled log Z ({n_is} samples, effective "
-                       f"sample size {min(ess):.0f}–{max(ess):.0f}); the paper uses 10⁶ samples.")
+            opts = DensityEvalOptions(**{k: v for k, v in experiment_eval_options(s, data.name).items()
+                                         if k in DensityEvalOptions.model_fields})
+            proposal = ("a kernel density estimate of the training rows mixed with N(0, "
+                        f"{opts.is_scale:g}² I)" if opts.is_proposal == "data" else f"N(0, {opts.is_scale:g}² I)")
+            out.append(f"`{data.name}`: log-likelihoods use an importance-sampled log Z ({opts.is_samples} samples "
+                       f"from {proposal}; effective sample size {min(ess):.0f}–{max(ess):.0f}; below "
+                       f"is_ess_floor = {opts.is_ess_floor:g} a log-likelihood is marked unreliable and not ranked); "
+                       "the paper uses 10⁶ samples.")
         missing = [r["variant"] for r in all_rows[data.name] if r["status"] != "ok"]
         if missing:
             out.append(f"`{data.name}`: no metrics for {', '.join(missing)}.")
