@@ -29,7 +29,7 @@ def test_elbo_below_exact_loglik_linear_gaussian(float64):
     assert bool((est.elbo < log_px).all()), (est.elbo, log_px)
     assert float((est.elbo - exact).abs().mean()) < 0.1  # the KDE entropy is close to the Gaussian's
     assert bool((est.elbo_smoothed < log_px + 0.05).all())
-    assert float(est.iw_loglik.mean()) <= float(log_px.mean()) + 0.02
+    assert float(est.iw_loglik.mean()) <= float(log_px.mean()) + 3 * est.summary()["iw_loglik_mc_se"]
     assert float(est.iw_loglik.mean()) > float(est.elbo_smoothed.mean())  # IW is the tighter bound
     exact_entropy = 0.5 * torch.logdet(2 * math.pi * math.e * 0.49 * model.post_cov)
     assert abs(float(est.entropy.mean()) - float(exact_entropy)) < 0.1

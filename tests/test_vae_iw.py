@@ -44,7 +44,7 @@ def test_iw_bound_is_below_log_px_within_its_monte_carlo_error(lg, encoder):
     assert 0 < s["test_iw_loglik_mc_se"] < 0.2
     assert gap <= 3 * s["test_iw_loglik_mc_se"], (gap, s["test_iw_loglik_mc_se"])
     assert gap > -0.5, "the defensive proposal keeps the bound close even for a poor encoder"
-    assert s["test_elbo_smoothed"] <= s["test_iw_loglik"]  # log mean w ≥ mean log w on the same draws
+    assert s["test_elbo_smoothed"] <= float(log_px.mean()) + 0.05
 
 
 def test_kde_elbo_is_above_log_px_where_the_iw_bound_is_not(lg):
@@ -65,7 +65,6 @@ def test_iw_bound_is_exact_with_the_exact_posterior_as_proposal(lg):
     torch.manual_seed(2)
     est = default_estimate(model, model.implicit_encoder(0.8, 0.7), x, proposal=model.posterior)
     assert float((est.iw_loglik - log_px).abs().max()) < 1e-6
-    assert float((est.elbo_smoothed - log_px).abs().max()) < 1e-6
     assert float(est.iw_loglik_mc_se.max()) < 1e-6
     assert est.summary()["iw_loglik_mc_se"] < 1e-6
 
@@ -157,4 +156,4 @@ def test_evaluate_vae_reports_the_bound_and_its_errors():
     assert all(math.isfinite(m[k]) for k in ("test_iw_loglik", "test_iw_loglik_se", "test_iw_loglik_mc_se",
                                              "test_elbo", "test_elbo_smoothed"))
     assert m["test_iw_loglik_mc_se"] > 0 and m["test_iw_loglik_se"] > 0
-    assert m["test_elbo_smoothed"] <= m["test_iw_loglik"] < 0
+    assert m["test_iw_loglik"] < 0

@@ -15,8 +15,10 @@ bound − log p(x)) against the KDE alone: an encoder with half the posterior's 
 KDE alone, −0.04 with α = 0.1, s = 2, −0.002 with α = 0.1, s = 3; with 0.3 of its spread −2.77, −0.64 and
 −0.05; with the exact posterior or 1.5× its spread all within 0.02 of each other. Hence α = 0.1, s = 3.
 ``iw_loglik_mc_se`` is the delta-method Monte-Carlo standard error per x, sqrt(var(w) / K) / mean(w): it
-measures the noise of the estimate, not its downward bias at finite K. ``elbo_smoothed`` = E_r[log p(x, z) −
-log r(z)] is the ELBO of the proposal r, a looser bound.
+measures the noise of the estimate, not its downward bias at finite K. ``elbo_smoothed`` = E_{z~q̂_h}[log p(x, z)
+− log q̂_h(z)] (K draws of its own) is the ELBO of the KDE-smoothed encoder q̂_h, whatever the proposal: a
+looser bound that describes the encoder (the ELBO of the defensive mixture would mostly describe its wide
+Gaussian).
 
 A diagnostic that is NOT a bound: ``elbo`` = E_q[log p(x|z)] + E_q[log p(z)] + Ĥ, the KDE ELBO. The
 entropy of an implicit q is the hard part (the authors' code replaces it by the entropy of a Gaussian fitted
@@ -219,7 +221,7 @@ class ElboEstimate:
     kl: Tensor  # E_q log q̂(z) − E_q log p(z)
     entropy_knn: Tensor  # Kozachenko–Leonenko estimate of H[q(·|x)] (diagnostic)
     bandwidth_factor: Tensor  # the chosen c
-    elbo_smoothed: Tensor | None = None  # ELBO of the proposal r: a lower bound on log p(x) in expectation
+    elbo_smoothed: Tensor | None = None  # ELBO of the KDE encoder q̂_h: a lower bound on log p(x) in expectation
     iw_loglik: Tensor | None = None  # importance-weighted bound with proposal r
     iw_loglik_mc_se: Tensor | None = None  # delta-method Monte-Carlo standard error of iw_loglik
 
@@ -277,8 +279,8 @@ def estimate_elbo(
         log_likelihood: ``log p(x|z)`` for z of shape (B, n, d) → (B, n).
         log_prior: ``log p(z)`` → (B, n).
         n_centres, n_select, n_eval: samples per x for the KDE, the bandwidth choice and the estimate.
-        iw_samples: draws K from the proposal for ``elbo_smoothed``, ``iw_loglik`` and its Monte-Carlo error
-            (0: skip them).
+        iw_samples: draws K from the proposal for ``iw_loglik`` and its Monte-Carlo error, and K from the KDE
+            q̂_h for ``elbo_smoothed`` (0: skip them).
         proposal: ``proposal(x)`` → an explicit r(·|x) (:class:`Proposal`) for a batch of rows; None: the one
             fitted to the encoder's samples (:func:`fitted_proposal`).
         defensive_weight, defensive_scale: the fitted proposal's Gaussian component: its weight α in [0, 1)
@@ -319,12 +321,14 @@ def estimate_elbo(
         keep("entropy_knn", knn_entropy(centres, knn_k))
         keep("bandwidth_factor", factor)
         if iw_samples:
+            kde = KDEProposal(centres, bandwidth)
+            zs = kde.sample(iw_samples)
+            keep("elbo_smoothed", (log_likelihood(xb, zs) + log_prior(zs) - kde.log_prob(zs)).mean(dim=1))
             r = proposal(xb) if proposal is not None else fitted_proposal(centres, bandwidth, defensive_weight,
                                                                           defensive_scale)
             zq = _check_samples(r.sample(iw_samples), b, iw_samples)
             log_w = log_likelihood(xb, zq) + log_prior(zq) - r.log_prob(zq)
             bound, se = importance_weighted_bound(log_w)
-            keep("elbo_smoothed", log_w.mean(dim=1))
             keep("iw_loglik", bound)
             keep("iw_loglik_mc_se", se)
     return ElboEstimate(**{k: torch.cat(v) for k, v in parts.items()})

@@ -297,8 +297,8 @@ def evaluate_vae(model: ImplicitVAE, splits: dict[str, Tensor], opts: "VAEEvalOp
                  true_density: Any = None, labels: dict[str, Tensor] | None = None) -> tuple[dict[str, float], Tensor]:
     """The importance-weighted bound ``test_iw_loglik`` (mean over test x) with its standard errors
     ``test_iw_loglik_mc_se`` (Monte-Carlo) and ``test_iw_loglik_se`` (over rows); the diagnostics
-    ``test_elbo`` (KDE ELBO, biased upwards: not a bound), ``test_elbo_smoothed`` (the ELBO of the proposal: a
-    bound, looser than the IW one) and their parts; the score network's test loss, the memory of one
+    ``test_elbo`` (KDE ELBO, biased upwards: not a bound), ``test_elbo_smoothed`` (the ELBO of the KDE-smoothed
+    encoder: a bound, looser than the IW one) and their parts; the score network's test loss, the memory of one
     score-network step (the paper's Table 1 compares these), and 64 samples (Bernoulli means of x ~ p(x|z),
     z ~ N(0, I)) shaped like the data."""
     device = next(model.parameters()).device
