@@ -139,6 +139,16 @@ def test_proposals_have_exact_densities(float64):
         GaussianProposal.moment_matched(samples, scale=0)
 
 
+def test_moment_matched_gaussian_from_fewer_samples_than_dimensions_in_float32():
+    """The validation bound fits it to val_elbo_samples (>= 4) draws in z_dim dimensions, in float32."""
+    g = torch.Generator().manual_seed(0)
+    samples = (torch.randn(64, 4, 8, generator=g) * torch.rand(64, 1, 8, generator=g) * 10
+               + 100 * torch.randn(64, 1, 8, generator=g)).float()
+    gauss = GaussianProposal.moment_matched(samples, scale=3.0)
+    z = gauss.sample(16)
+    assert z.dtype == torch.float32 and bool(torch.isfinite(gauss.log_prob(z)).all())
+
+
 def test_eval_options_and_headline():
     assert DEFAULTS.iw_samples >= 1
     assert FAMILY.headline.key == "test_iw_loglik" and FAMILY.headline.higher_is_better

@@ -153,17 +153,19 @@ class GaussianProposal:
 
     @classmethod
     def moment_matched(cls, samples: Tensor, scale: float = 1.0) -> "GaussianProposal":
-        """The Gaussian with the mean of ``samples`` (B, M, d) and ``scale``² times their covariance (a
-        relative jitter of 1e-6 keeps it positive definite when M ≤ d or a direction is degenerate)."""
+        """The Gaussian with the mean of ``samples`` (B, M, d) and ``scale``² times their covariance, in the
+        samples' dtype; the factorisation runs in float64 with a relative jitter of 1e-6, which keeps it
+        positive definite when M ≤ d or a direction is degenerate (in float32 it failed there)."""
         if not scale > 0:
             raise ValueError(f"the Gaussian's scale must be > 0, got {scale}")
-        mean = samples.mean(dim=1)
-        centred = samples - mean.unsqueeze(1)
-        cov = centred.transpose(1, 2) @ centred / max(1, samples.shape[1] - 1)
-        d = samples.shape[2]
-        eye = torch.eye(d, dtype=samples.dtype, device=samples.device)
+        z = samples.double()
+        mean = z.mean(dim=1)
+        centred = z - mean.unsqueeze(1)
+        cov = centred.transpose(1, 2) @ centred / max(1, z.shape[1] - 1)
+        eye = torch.eye(z.shape[2], dtype=z.dtype, device=z.device)
         jitter = 1e-6 * cov.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
-        return cls(mean, torch.linalg.cholesky(scale**2 * cov + jitter[:, None, None] * eye))
+        chol = torch.linalg.cholesky(scale**2 * cov + jitter[:, None, None] * eye)
+        return cls(mean.to(samples.dtype), chol.to(samples.dtype))
 
     def sample(self, n: int) -> Tensor:
         b, d = self.mean.shape

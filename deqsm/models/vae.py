@@ -233,8 +233,10 @@ VAE_SCORE_LOSSES = ("sm", "ssm", "ssm_vr")  # losses of deqsm.losses that train 
 class VAEEvalOptions(EvalOptions):
     """Evaluation knobs of the VAE."""
 
-    elbo_centres: int = Field(512, ge=2, description="encoder samples per test x for the KDE of q(z|x)")
-    elbo_eval: int = Field(128, ge=1, description="samples per test x for the bandwidth choice and the estimate")
+    elbo_centres: int = Field(512, ge=2, description=(
+        "encoder samples per test x for the KDE of q(z|x), which the IW proposal is fitted to"))
+    elbo_eval: int = Field(128, ge=1, description=(
+        "samples per test x for the bandwidth choice and the KDE ELBO"))
     iw_samples: int = Field(256, description="draws K per test x for the importance-weighted bound (the headline)")
     iw_defensive_weight: float = Field(DEFENSIVE_WEIGHT, ge=0, lt=1, description=(
         "weight of the wide Gaussian in the IW proposal (0: the KDE of encoder samples alone)"))
