@@ -52,6 +52,8 @@ def test_vae_is_evaluated_by_its_elbo_with_the_score_network_memory(project):
         # would need training; here only that it is a finite negative number with its parts adding up
         assert row["test_elbo"] < 0
         assert row["test_elbo"] == pytest.approx(row["test_recon"] + row["test_log_prior"] + row["test_entropy"], rel=1e-6)
+        # the headline: the importance-weighted bound with its errors (a valid lower bound, unlike the KDE ELBO)
+        assert row["test_iw_loglik"] < 0 and row["test_iw_loglik_se"] > 0 and row["test_iw_loglik_mc_se"] > 0
         assert row["score_step_peak_bytes"] > 0 and row["score_net_params"] > 0 and row["peak_bytes"] > 0
         assert "test_loglik" not in row
     assert m["deq"]["solver_nstep_mean"] >= 1
@@ -64,6 +66,8 @@ def test_ncsn_is_evaluated_by_the_frechet_distance_of_its_samples(project):
     for row in m.values():
         assert row["fd_digits_cnn"] > 0 and row["fd_digits_cnn_train_vs_test"] > 0
         assert row["fd_samples"] == 64 and row["test_loss"] > 0
+        assert row["fd_digits_cnn_ci_low"] <= row["fd_digits_cnn"] <= row["fd_digits_cnn_ci_high"]
+        assert "kid_digits_cnn" in row and row["kid_digits_cnn_std"] >= 0 and "kid_digits_cnn_train_vs_test" in row
     # the reference (training vs test images) does not depend on the model
     assert m["deq"]["fd_digits_cnn_train_vs_test"] == m["explicit-2"]["fd_digits_cnn_train_vs_test"]
 
@@ -81,23 +85,28 @@ def test_sample_grids_are_written_and_logged_to_mlflow(project):
         runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id], "tags.stage = 'train'")
         trained = {r.data.tags["variant"]: r for r in runs if "variant" in r.data.tags}
         assert set(trained) == set(variants)
-        key = "test/elbo" if exp == "vae-digits" else "test/fd_digits_cnn"
+        key = "test/iw_loglik" if exp == "vae-digits" else "test/fd_digits_cnn"
         for v, r in trained.items():
             assert key in r.data.metrics, sorted(r.data.metrics)
             assert [a.path for a in client.list_artifacts(r.info.run_id, "samples")] == [f"samples/{v}.png"]
 
 
-def test_report_judges_them_by_elbo_and_fd(project):
+def test_report_judges_them_by_the_iw_bound_and_the_fd_interval(project):
     root, _ = project
     report = (root / "results" / "REPORT.md").read_text()
     vae_table = (root / "results" / "tables" / "vae-digits.md").read_text()
     ncsn_table = (root / "results" / "tables" / "ncsn-digits.md").read_text()
     vae, ncsn = _metrics(root, "vae-digits"), _metrics(root, "ncsn-digits")
-    assert "test ELBO (nats)" in vae_table and f"{vae['deq']['test_elbo']:.3f}" in vae_table
+    assert "test log-likelihood bound (IW, nats)" in vae_table and "KDE ELBO (diagnostic, biased up)" in vae_table
+    assert f"{vae['deq']['test_iw_loglik']:.3f} ± {vae['deq']['test_iw_loglik_se']:.3f}" in vae_table
+    assert f"{vae['deq']['test_elbo']:.3f}" in vae_table
     assert "score-net step memory (MiB)" in vae_table
-    assert "fd_digits_cnn (lower is better)" in ncsn_table and f"{ncsn['deq']['fd_digits_cnn']:.2f}" in ncsn_table
+    d = ncsn["deq"]
+    assert "fd_digits_cnn (lower is better)" in ncsn_table
+    assert f"{d['fd_digits_cnn']:.2f} [{d['fd_digits_cnn_ci_low']:.2f}, {d['fd_digits_cnn_ci_high']:.2f}]" in ncsn_table
+    assert "train-vs-test FD (floor)" in ncsn_table and "kid_digits_cnn ± std" in ncsn_table
     assert "test log-lik" not in vae_table + ncsn_table
-    diff = vae["deq"]["test_elbo"] - vae["explicit"]["test_elbo"]
+    diff = vae["deq"]["test_iw_loglik"] - vae["explicit"]["test_iw_loglik"]
     assert f"difference {diff:+.3f}" in report
     assert "experiments/vae-digits/samples/deq.png" in report and "experiments/ncsn-digits/samples/deq.png" in report
     fidelity = {exp: json.loads((root / "results" / "experiments" / exp / "fidelity.json").read_text())

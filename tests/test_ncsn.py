@@ -377,4 +377,5 @@ def test_benchmark_smoke(tmp_path):
     for name in ("vae_samples_deq.png", "ncsn_samples_deq_dsm.png", "results.jsonl"):
         assert (tmp_path / name).is_file()
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
-    assert '"summary"' in lines[-1] and all(math.isfinite(v["test_elbo"]) for v in summary["vae"].values())
+    assert '"summary"' in lines[-1] and all(math.isfinite(v["test_iw_loglik"]) and math.isfinite(v["test_elbo"])
+                                           for v in summary["vae"].values())

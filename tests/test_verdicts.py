@@ -103,3 +103,15 @@ def test_density_table_marks_an_unreliable_loglik():
     assert cells["explicit-2 (depth 2)"]["test log-lik (nats) ± se"] == "-2.200 ± 0.010"
     assert "`deq` (unreliable)" in md and "never ranked" in md
     assert [r["main_unreliable"] != "" for r in rows] == [True, False]
+
+
+def test_vae_table_heads_with_the_valid_bound_and_keeps_the_kde_elbo_as_a_diagnostic():
+    m = {v: {"test_iw_loglik": iw, "test_iw_loglik_se": 0.2, "test_iw_loglik_mc_se": 0.01, "test_elbo": iw + 1.5}
+         for v, iw in (("deq", -30.0), ("explicit-2", -31.0))}
+    data = _data("vae", m)
+    assert data.headline().key == "test_iw_loglik"
+    md = tables.experiment_table_md(data, tables.table_rows(data))
+    row = _cells(md)["deq (DEQ)"]
+    assert row["test log-likelihood bound (IW, nats)"] == "-30.000 ± 0.200"
+    assert row["KDE ELBO (diagnostic, biased up)"] == "-28.500" and "IW bound (nats)" not in md
+    assert "never ranked" in md and "test_iw_loglik_se" in md
