@@ -119,7 +119,7 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
     has = lambda k: any(r[k] is not None for r in rows)  # noqa: E731
     score_mem = has("score_step_peak_mib")
     kid = next((r["kid_metric"] for r in rows if r["kid_metric"]), "") if fd else ""
-    side = [*(["bits/dim"] if density else []), *(["IS effective samples"] if has("test_is_ess") else []),
+    side = [*(["bits/dim"] if density and has("test_bpd") else []), *(["IS effective samples"] if has("test_is_ess") else []),
             *(["KDE ELBO (diagnostic, biased up)"] if iw_headline and has("test_elbo") else []),
             *(["IW bound (nats)"] if not iw_headline and has("test_iw_loglik") else []),
             *(["train-vs-test FD (floor)"] if fd and has("fd_train_vs_test") else []),

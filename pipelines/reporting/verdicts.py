@@ -69,8 +69,11 @@ def estimate(metrics: dict[str, Any] | None, key: str) -> Estimate:
     return Estimate(value, number(m.get(se_kind)) if se_kind else None, se_kind, low, high, unreliable)
 
 
+WORDS = {"test_loglik": "test log-likelihood", "test_iw_loglik": "the test log-likelihood bound"}
+
+
 def metric_words(main: Headline) -> str:
-    return "test log-likelihood" if main.key == "test_loglik" else main.key
+    return WORDS.get(main.key, main.key)
 
 
 def compare(exp: str, dv: str, d: Estimate, ev: str, e: Estimate, main: Headline) -> tuple[str, float | None]:
