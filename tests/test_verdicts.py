@@ -115,3 +115,12 @@ def test_vae_table_heads_with_the_valid_bound_and_keeps_the_kde_elbo_as_a_diagno
     assert row["test log-likelihood bound (IW, nats)"] == "-30.000 ± 0.200"
     assert row["KDE ELBO (diagnostic, biased up)"] == "-28.500" and "IW bound (nats)" not in md
     assert "never ranked" in md and "test_iw_loglik_se" in md
+
+
+def test_evaluate_tags_each_judged_estimate_for_the_mlflow_ui():
+    from pipelines.evaluate import reliability_tags
+
+    tags = reliability_tags({"test_loglik": -2396.0, "test_loglik_reliable": 0.0, "test_x_reliable": 1.0,
+                             "test_is_ess": 36.0, "memory_kind": "autograd_saved_bytes"})
+    assert tags == {"deqsm.reliable.test_loglik": "false", "deqsm.reliable.test_x": "true"}
+    assert reliability_tags({"fd_digits_cnn": 40.0}) == {}
