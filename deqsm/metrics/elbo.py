@@ -64,11 +64,17 @@ def kde_log_density(points: Tensor, centres: Tensor, bandwidth: Tensor) -> Tenso
                          f"{tuple(points.shape)} and {tuple(centres.shape)}")
     if bandwidth.shape != (points.shape[0], points.shape[2]):
         raise ValueError(f"bandwidth must have shape {(points.shape[0], points.shape[2])}, got {tuple(bandwidth.shape)}")
+    sq, log_norm = _scaled_distances(points, centres, bandwidth)
+    return torch.logsumexp(-0.5 * sq, dim=-1) + log_norm
+
+
+def _scaled_distances(points: Tensor, centres: Tensor, bandwidth: Tensor) -> tuple[Tensor, Tensor]:
+    """The KDE's two parts: squared distances in bandwidth units (B, N, M), and its log-normaliser (B, 1),
+    −Σ log h − (d/2) log 2π − log M, so that log q̂ = logsumexp(−sq / 2) + log-normaliser."""
     h = bandwidth.unsqueeze(1)
-    sq = torch.cdist(points / h, centres / h).pow(2)  # (B, N, M)
-    d = points.shape[2]
-    log_norm = -bandwidth.log().sum(-1, keepdim=True) - 0.5 * d * math.log(2 * math.pi)  # (B, 1)
-    return torch.logsumexp(-0.5 * sq, dim=-1) + log_norm - math.log(centres.shape[1])
+    sq = torch.cdist(points / h, centres / h).pow(2)
+    d, m = points.shape[2], centres.shape[1]
+    return sq, -bandwidth.log().sum(-1, keepdim=True) - 0.5 * d * math.log(2 * math.pi) - math.log(m)
 
 
 def scott_bandwidth(centres: Tensor) -> Tensor:
@@ -86,12 +92,11 @@ def select_bandwidth(centres: Tensor, held_out: Tensor, factors: Sequence[float]
     if not factors or any(not c > 0 for c in factors):
         raise ValueError(f"bandwidth factors must be a non-empty list of positive numbers, got {list(factors)}")
     base = scott_bandwidth(centres)
-    h = base.unsqueeze(1)
-    sq = torch.cdist(held_out / h, centres / h).pow(2)  # in units of Scott's bandwidth: one cdist for every c
-    m, d = centres.shape[1], centres.shape[2]
-    log_norm = -base.log().sum(-1) - 0.5 * d * math.log(2 * math.pi) - math.log(m)  # (B,)
-    scores = torch.stack([torch.logsumexp(sq * (-0.5 / c**2), dim=-1).mean(dim=1) - d * math.log(c) + log_norm
-                          for c in factors], dim=1)  # mean log q̂_{c·base}(held_out), as kde_log_density
+    sq, log_norm = _scaled_distances(held_out, centres, base)  # in units of Scott's bandwidth: one cdist for every c
+    d = centres.shape[2]
+    # mean log q̂_{c·base}(held_out): the distances scale by 1/c², the normaliser by −d log c
+    scores = torch.stack([torch.logsumexp(sq * (-0.5 / c**2), dim=-1).mean(dim=1) - d * math.log(c)
+                          for c in factors], dim=1) + log_norm
     best = scores.argmax(dim=1)
     table = torch.tensor(list(factors), dtype=centres.dtype, device=centres.device)
     chosen = table[best]

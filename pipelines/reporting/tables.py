@@ -45,10 +45,7 @@ def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
                 residual_max, solver_source = max(res), "curve"
         if not solver_source and (nstep_mean is not None or residual_max is not None):
             solver_source = "metrics"
-        se, se_kind = g("test_loglik_se"), "test_loglik_se"
-        if se is None and g("test_loglik_sample_se") is not None:
-            se, se_kind = g("test_loglik_sample_se"), "test_loglik_sample_se"
-        est = estimate(m, main.key)
+        est, loglik = estimate(m, main.key), estimate(m, "test_loglik")
         kid = next((k for k in sorted(m or {}) if k.startswith("kid_") and not k.endswith(("_std", "_train_vs_test"))), None)
         peak = g("peak_bytes")
         score_peak = g("score_step_peak_bytes")
@@ -65,7 +62,7 @@ def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
             "score_step_peak_mib": score_peak / MIB if score_peak is not None else None,
             "experiment": data.name, "variant": variant, "kind": data.kind(variant) or "",
             "depth": data.depth(variant), "loss": loss_label(data.spec), "status": "ok" if m is not None else "no metrics",
-            "test_loglik": g("test_loglik"), "test_loglik_se": se, "se_kind": se_kind if se is not None else "",
+            "test_loglik": loglik.value, "test_loglik_se": loglik.se, "se_kind": loglik.se_kind,
             "test_bpd": g("test_bpd"), "peak_mib": peak / MIB if peak is not None else None,
             "peak_bytes": peak, "memory_kind": (m or {}).get("memory_kind") or "",
             "step_ms_median": g("step_ms_median"), "params": g("params"),
@@ -121,7 +118,6 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
     kid = next((r["kid_metric"] for r in rows if r["kid_metric"]), "") if fd else ""
     side = [*(["bits/dim"] if density and has("test_bpd") else []), *(["IS effective samples"] if has("test_is_ess") else []),
             *(["KDE ELBO (diagnostic, biased up)"] if iw_headline and has("test_elbo") else []),
-            *(["IW bound (nats)"] if not iw_headline and has("test_iw_loglik") else []),
             *(["train-vs-test FD (floor)"] if fd and has("fd_train_vs_test") else []),
             *([f"{kid} ± std", "train-vs-test KID"] if kid else [])]
     header = ["variant", "loss", main.label, *side,
@@ -135,24 +131,21 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
                          r["main_unreliable"] or None).cell(spec)
         floor = Estimate(r["fd_train_vs_test"], low=r["fd_train_vs_test_ci_low"],
                          high=r["fd_train_vs_test_ci_high"]).cell(spec)
-        kid_cell = Estimate(r["kid"], r["kid_std"]).cell(".4g")
         cells = {"bits/dim": fmt(r["test_bpd"], ".3f"), "IS effective samples": fmt(r["test_is_ess"], ",.0f"),
-                 "KDE ELBO (diagnostic, biased up)": fmt(r["test_elbo"], ".3f"),
-                 "IW bound (nats)": fmt(r["test_iw_loglik"], ".3f"), "train-vs-test FD (floor)": floor,
+                 "KDE ELBO (diagnostic, biased up)": fmt(r["test_elbo"], ".3f"), "train-vs-test FD (floor)": floor,
+                 f"{kid} ± std": Estimate(r["kid"], r["kid_std"]).cell(".4g"),
                  "train-vs-test KID": fmt(r["kid_train_vs_test"], ".4g")}
         mem = fmt(r["peak_mib"], ".3f")
         if len(kinds) > 1 and mem != DASH:
             mem += f" ({r['memory_kind']})"
         name = r["variant"] + (f" (depth {r['depth']})" if r["depth"] is not None else " (DEQ)" if r["kind"] == "deq" else "")
-        body.append([name, r["loss"], value, *(cells.get(c, kid_cell) for c in side),
+        body.append([name, r["loss"], value, *(cells[c] for c in side),
                      mem, *([fmt(r["score_step_peak_mib"], ".3f")] if score_mem else []), fmt(r["step_ms_median"], ".1f"),
                      fmt(r["params"], ",.0f"), fmt(r["solver_nstep_mean"], ".1f"), fmt(r["solver_final_residual"], ".2e"),
                      *([fmt(r["test_ssm_loss"], ".4g")] if density else []), *(fmt(r[k], ".4g") for k, _ in extra),
                      fmt(r["train_steps"], ".0f")])
     notes = [f"Experiment `{data.name}`: dataset `{data.spec.dataset}`, model `{data.spec.model}`, "
              f"loss `{loss_label(data.spec)}`. {DASH}: not measured for that variant."]
-    vae_memory = ("Peak memory is the whole training step (score network and VAE); score-net step memory is one "
-                  "score-network step, the part the variants differ in (the paper's Table 1).")
     if density and has("test_bpd"):
         notes.append("Bits/dim: of the discrete pixels (the dequantisation bound −log₂ P(x) per pixel, with the pixel "
                      "levels and logit α of the prepared dataset's manifest), the figure the literature reports for "
@@ -162,11 +155,9 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
                      "with a proposal r fitted per test x to the implicit encoder's samples (`deqsm.metrics.elbo`): "
                      "a lower bound on log p(x) in expectation, whatever r is. The KDE ELBO beside it plugs a kernel "
                      "density estimate into the encoder's entropy, a cross-entropy that is biased upwards by "
-                     "KL(q ‖ q̂): a diagnostic, never ranked. " + vae_memory)
-    elif main.key == "test_elbo":
-        notes.append("Test ELBO: E_q[log p(x|z) + log p(z)] plus the implicit encoder's entropy estimated per test x "
-                     "by a kernel density estimate of q(z|x) (`deqsm.metrics.elbo`), biased upwards by KL(q ‖ q̂). "
-                     + vae_memory)
+                     "KL(q ‖ q̂): a diagnostic, never ranked. Peak memory is the whole training step (score network and "
+                     "VAE); score-net step memory is one score-network step, the part the variants differ in (the "
+                     "paper's Table 1).")
     elif fd:
         notes.append(f"`{main.key}`: Fréchet distance between annealed-Langevin samples and the test images "
                      f"(features: {'Inception-v3' if main.key.startswith('fid_') else 'a digits classifier trained on the training split'}; "
