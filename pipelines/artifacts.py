@@ -8,9 +8,10 @@ Layout (``<exp>``: an experiment of params.yaml, ``<variant>``: one of its varia
 
     <out>/tune/<exp>/best.json                  tune: best configuration and metrics per variant
     <out>/ray/                                  tune: Ray Tune's experiment state (resumable)
-    <out>/models/<exp>/<variant>.pt             train: weights + spec + training summary (save_model)
-    <results>/experiments/<exp>/curves/<variant>.csv   train: training curve
-    <results>/experiments/<exp>/metrics.json    evaluate: test metrics per variant
+    <out>/models/<exp>/<variant>/seed<s>.pt     train: weights + spec + training summary (save_model), per seed
+    <results>/experiments/<exp>/curves/<variant>/seed<s>.csv   train: training curve, per seed
+    <results>/experiments/<exp>/metrics.json    evaluate: test metrics per variant, mean and se across seeds
+    <results>/experiments/<exp>/seeds.json      evaluate: the same metrics of every seed
     <results>/experiments/<exp>/samples/<variant>.png  evaluate: sample grid (models that sample)
     <results>/experiments/<exp>/fidelity.json   fidelity: phantom-vs-exact gradients of the DEQ variants
     <results>/benchmarks/memory_depth.jsonl     bench: memory vs depth / solver iterations
@@ -66,21 +67,30 @@ class Artifacts:
     def models_dir(self, experiment: str) -> Path:
         return self.out / "models" / experiment
 
-    def model(self, experiment: str, variant: str) -> Path:
-        return self.models_dir(experiment) / f"{variant}{MODEL_SUFFIX}"
+    def model(self, experiment: str, variant: str, seed: int) -> Path:
+        return self.models_dir(experiment) / variant / f"seed{seed}{MODEL_SUFFIX}"
 
-    def models(self, experiment: str) -> list[Path]:
-        """The trained variants' files, sorted by variant name."""
-        return sorted(self.models_dir(experiment).glob(f"*{MODEL_SUFFIX}"))
+    def models(self, experiment: str) -> dict[str, dict[int, Path]]:
+        """The trained variants' files: variant → seed → file, variants and seeds sorted."""
+        out: dict[str, dict[int, Path]] = {}
+        for path in sorted(self.models_dir(experiment).glob(f"*/seed*{MODEL_SUFFIX}")):
+            seed = seed_of(path)
+            if seed is not None:
+                out.setdefault(path.parent.name, {})[seed] = path
+        return {v: dict(sorted(by_seed.items())) for v, by_seed in sorted(out.items())}
 
     def experiment_dir(self, experiment: str) -> Path:
         """``<results>/experiments/<exp>``: apart from the report's own files in ``<results>``, so the report
         stage can depend on the whole folder."""
         return self.results / "experiments" / experiment
 
-    def curve(self, experiment: str, variant: str) -> Path:
-        """Everything the train stage logged for one variant (step rows and evaluation rows; the report's input)."""
-        return self.experiment_dir(experiment) / "curves" / f"{variant}.csv"
+    def curves_dir(self, experiment: str) -> Path:
+        return self.experiment_dir(experiment) / "curves"
+
+    def curve(self, experiment: str, variant: str, seed: int) -> Path:
+        """Everything the train stage logged for one variant and seed (step rows and evaluation rows; the
+        report's input)."""
+        return self.curves_dir(experiment) / variant / f"seed{seed}.csv"
 
     def curve_plot(self, experiment: str, key: str) -> Path:
         """One logged quantity of every variant, long format (step, variant, ``key``): a DVC plot (dvc.yaml)."""
@@ -89,6 +99,10 @@ class Artifacts:
     # --- evaluate
     def metrics(self, experiment: str) -> Path:
         return self.experiment_dir(experiment) / "metrics.json"
+
+    def seed_metrics(self, experiment: str) -> Path:
+        """Every seed's test metrics (variant → seed → metrics); metrics.json holds their mean and se."""
+        return self.experiment_dir(experiment) / "seeds.json"
 
     def samples_dir(self, experiment: str) -> Path:
         return self.experiment_dir(experiment) / "samples"
@@ -126,6 +140,31 @@ def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
     write(tmp)
     tmp.replace(path)
     return path
+
+
+def seed_of(path: Path) -> int | None:
+    """The seed in a per-seed file's name (``seed3.pt`` → 3), None for another name."""
+    digits = path.stem.removeprefix("seed")
+    return int(digits) if path.stem.startswith("seed") and digits.isdigit() else None
+
+
+def prune_seeds(folder: Path, suffix: str, keep: dict[str, list[int]]) -> None:
+    """Remove what a per-seed output folder (``<folder>/<variant>/seed<s><suffix>``) holds beyond ``keep``
+    (variant → seeds): files of dropped variants and seeds, and files of the one-model-per-variant layout
+    (``<folder>/<variant><suffix>``). The outputs are DVC ``persist``, so DVC no longer clears them."""
+    if not folder.exists():
+        return
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix == suffix:
+            path.unlink()
+            print(f"removed {path} (the outputs are per seed now: <variant>/seed<s>{suffix})", flush=True)
+        elif path.is_dir():
+            for f in sorted(path.glob(f"*{suffix}")):
+                if path.name not in keep or seed_of(f) not in keep[path.name]:
+                    f.unlink()
+                    print(f"removed {f} (variant {path.name!r}, seed {seed_of(f)} is no longer trained)", flush=True)
+            if not any(path.iterdir()):
+                path.rmdir()
 
 
 def prune_variants(paths: list[Path], keep: set[str] | dict) -> None:
@@ -174,12 +213,16 @@ def load_splits(artifacts: Artifacts, dataset: str) -> dict:
 
 
 # --- the trained-model file: written by the train stage, read by evaluate and fidelity
-def save_model(path: Path, model: torch.nn.Module, *, spec: dict[str, Any], train: dict[str, Any],
-               fit: dict[str, Any], history: Any, mlflow_run_id: str) -> None:
-    """Weights (on CPU) with what rebuilds the model (``spec``) and its training record; plain data only,
-    so :func:`load_model` reads it with ``weights_only=True``."""
-    saved = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "spec": spec, "train": train,
-             "fit": fit, "history": history, "mlflow_run_id": mlflow_run_id}
+def save_model(path: Path, model: torch.nn.Module | dict[str, torch.Tensor], *, spec: dict[str, Any],
+               train: dict[str, Any], fit: dict[str, Any], history: Any, mlflow_run_id: str,
+               mlflow_variant_run_id: str | None = None) -> None:
+    """Weights (on CPU; a module or its state dict) with what rebuilds the model (``spec``) and its training
+    record; plain data only, so :func:`load_model` reads it with ``weights_only=True``. ``mlflow_run_id``: the
+    run of this training (one seed), ``mlflow_variant_run_id``: the run of its variant (all seeds)."""
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    saved = {"state_dict": {k: v.cpu() for k, v in state.items()}, "spec": spec, "train": train,
+             "fit": fit, "history": history, "mlflow_run_id": mlflow_run_id,
+             "mlflow_variant_run_id": mlflow_variant_run_id}
     _replace_atomically(path, lambda tmp: torch.save(saved, tmp))
 
 

@@ -1,8 +1,10 @@
 """DVC stage `evaluate`: test metrics of every trained variant of one experiment (log-likelihood, its
 standard error, SSM/SM test losses, bits/dim; the VAE's ELBO; NCSN's Fréchet distance, ...) with the cost
-figures of its training (peak memory, time per step, parameters, solver steps), into
-``<results>/experiments/<experiment>/metrics.json`` and MLflow. Models that sample (VAE, NCSN) also get a
-sample grid, ``<results>/experiments/<experiment>/samples/<variant>.png``, logged to the variant's MLflow run.
+figures of its training (peak memory, time per step, parameters, solver steps), for every seed's model.
+``<results>/experiments/<experiment>/seeds.json`` holds each seed's figures, ``metrics.json`` per variant their
+mean and standard error across seeds (:mod:`pipelines.seeds`); MLflow gets each seed's on its training run and
+the means on the variant's run. Models that sample (VAE, NCSN) also get a sample grid of their first seed,
+``<results>/experiments/<experiment>/samples/<variant>.png``, logged to that seed's MLflow run.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def mlflow_test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out[f"model/{k}" if k in MODEL_FIGURES else "test/" + k.removeprefix("test_")] = v
+            model_figure = k in MODEL_FIGURES or k.removesuffix("_mean").removesuffix("_se_seeds") in MODEL_FIGURES
+            out[f"model/{k}" if model_figure else "test/" + k.removeprefix("test_")] = v
     return out
 
 
@@ -48,6 +51,7 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     from deqsm.models import MODELS
     from deqsm.sampling import save_image_grid
     from pipelines.provenance import provenance_tags
+    from pipelines.seeds import aggregate
     from pipelines.tracking import Tracker
 
     mlflow_exp = settings.tracking.experiment_prefix + name
@@ -65,33 +69,51 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     eval_options = with_data_facts(family, experiment_eval_options(settings, name),
                                    read_manifest(artifacts.data_root, dataset).get("info", {}), dataset)
     results: dict[str, dict] = {}
+    per_seed: dict[str, dict[str, dict]] = {}
     artifacts.samples_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out, maybe empty
-    for path in files:
-        variant = path.stem
-        spec, model, saved = load_model(path, splits["train"])
-        torch.manual_seed(settings.base.seed)
-        metrics, images = evaluate_variant(spec, model, splits, eval_options, truth, labels)
-        # the training run, or a new one when this store does not hold it (deleted, or tracking.uri changed)
-        run_id, new = tracker.run_or_new(saved.get("mlflow_run_id"), mlflow_exp, f"{variant}-evaluate",
-                                         {"stage": "evaluate", "variant": variant,
-                                          **provenance_tags(settings, "pipelines.evaluate")})
-        if new:
-            print(f"{name}/{variant}: training run {saved.get('mlflow_run_id')} is not in {settings.tracking_uri()}; "
-                  f"logging to a new run {run_id}", flush=True)
-        tracker.log_metrics(run_id, mlflow_test_metrics(metrics))
-        tracker.set_tags(run_id, reliability_tags(metrics))
-        tracker.log_dataset_inputs(run_id, artifacts.data_root, dataset, ("test",))
-        if images is not None:
-            grid = save_image_grid(images, artifacts.sample_grid(name, variant))
-            tracker.log_artifact(run_id, grid, "samples")
+    tags = {"stage": "evaluate", **provenance_tags(settings, "pipelines.evaluate")}
+    for variant, by_seed in files.items():
+        seeds: dict[int, dict] = {}
+        variant_run = None
+        for seed, path in by_seed.items():
+            spec, model, saved = load_model(path, splits["train"])
+            torch.manual_seed(settings.base.seed)  # the same evaluation draws for every seed's model
+            metrics, images = evaluate_variant(spec, model, splits, eval_options, truth, labels)
+            # the training run, or a new one when this store does not hold it (deleted, or tracking.uri changed)
+            run_id, new = tracker.run_or_new(saved.get("mlflow_run_id"), mlflow_exp, f"{variant}/seed{seed}-evaluate",
+                                             {**tags, "variant": variant, "seed": str(seed)})
+            if new:
+                print(f"{name}/{variant} seed {seed}: training run {saved.get('mlflow_run_id')} is not in "
+                      f"{settings.tracking_uri()}; logging to a new run {run_id}", flush=True)
+            tracker.log_metrics(run_id, mlflow_test_metrics(metrics))
+            tracker.set_tags(run_id, reliability_tags(metrics))
+            tracker.log_dataset_inputs(run_id, artifacts.data_root, dataset, ("test",))
+            if images is not None and seed == min(by_seed):  # one grid per variant: its first seed's samples
+                grid = save_image_grid(images, artifacts.sample_grid(name, variant))
+                tracker.log_artifact(run_id, grid, "samples")
+            if new:
+                tracker.end_run(run_id, "FINISHED")
+            if variant_run is None and saved.get("mlflow_variant_run_id"):
+                variant_run = saved["mlflow_variant_run_id"]
+            metrics.update({f"train_{k}" if k in ("steps", "best_val_loss", "best_step") else k: v
+                            for k, v in saved["fit"].items()})
+            seeds[seed] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+            print(f"{name}/{variant} seed {seed}: " + ", ".join(
+                f"{k}={v:.4g}" for k, v in sorted(seeds[seed].items()) if isinstance(v, float) and k.startswith("test")),
+                flush=True)
+        results[variant] = aggregate(seeds)
+        per_seed[variant] = {str(s): m for s, m in seeds.items()}
+        run_id, new = tracker.run_or_new(variant_run, mlflow_exp, f"{variant}-evaluate", {**tags, "variant": variant})
+        tracker.log_metrics(run_id, mlflow_test_metrics(results[variant]))
+        tracker.set_tags(run_id, reliability_tags(results[variant]))
         if new:
             tracker.end_run(run_id, "FINISHED")
-        metrics.update({f"train_{k}" if k in ("steps", "best_val_loss") else k: v
-                        for k, v in saved["fit"].items()})
-        metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        results[variant] = metrics
-        print(f"{name}/{variant}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
-                                                if isinstance(v, float) and k.startswith("test")), flush=True)
+        agg = results[variant]
+        shown = [(k.removesuffix("_mean"), v, agg.get(k.removesuffix("_mean") + "_se_seeds"))
+                 for k, v in sorted(agg.items()) if k.startswith("test") and k.endswith("_mean") and isinstance(v, float)]
+        print(f"{name}/{variant}: mean over {len(seeds)} seed(s): " + ", ".join(
+            f"{k}={v:.4g}" + (f" ± {se:.2g}" if se is not None else "") for k, v, se in shown), flush=True)
+    write_json(artifacts.seed_metrics(name), per_seed)
     write_json(artifacts.metrics(name), results)
     prune_variants(sorted(artifacts.samples_dir(name).glob("*.png")), keep=results)
     return results

@@ -24,7 +24,10 @@ def fidelity_experiment(settings: Settings, name: str) -> None:
 
     artifacts = Artifacts.of(settings)
     exp = settings.experiments[name]
-    variants = [v for v, var in exp.variants.items() if var.variant == "deq" and artifacts.model(name, v).exists()]
+    trained = artifacts.models(name)
+    # the first seed's model of each DEQ variant (the gradients' fidelity is a property of the method, not a
+    # figure averaged over seeds)
+    variants = [v for v, var in exp.variants.items() if var.variant == "deq" and trained.get(v)]
     missing = [v for v, var in exp.variants.items() if var.variant == "deq" and v not in variants]
     if missing:
         print(f"{name}: no trained model for DEQ variant(s) {missing} (their tuning failed?): not measured", flush=True)
@@ -33,7 +36,7 @@ def fidelity_experiment(settings: Settings, name: str) -> None:
     out: dict[str, dict] = {}
     splits = load_splits(artifacts, exp.dataset) if variants else {}
     for variant in variants:
-        path = artifacts.model(name, variant)
+        seed, path = next(iter(trained[variant].items()))
         spec, model, _ = load_model(path, splits["train"])
         x = splits["test"][:settings.fidelity.rows]
         objective = make_objective(spec, splits["train"])
@@ -42,7 +45,7 @@ def fidelity_experiment(settings: Settings, name: str) -> None:
         torch.manual_seed(seed)
         results = gradient_fidelity(model, objective, x, ks=ks, seed=seed)
         out[variant] = {
-            "model_file": artifacts.rel_to_root(path), "rows": int(x.shape[0]), "loss": spec.loss.name,
+            "model_file": artifacts.rel_to_root(path), "seed": seed, "rows": int(x.shape[0]), "loss": spec.loss.name,
             "trained_backward": spec.deq.backward, "trained_k": spec.deq.k, "solver": spec.deq.solver,
             "seconds": time.perf_counter() - t0,
             "results": [{**r, "k": int(r["k"])} for r in results],

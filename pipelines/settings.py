@@ -211,6 +211,23 @@ class BenchSettings(Strict):
                 "--backwards", *self.backwards, "--repeats", str(self.repeats)]
 
 
+class PipelineTrainSettings(TrainSettings):
+    """params.yaml's ``train`` section: the settings of every trial and retrained model
+    (:class:`deqsm.train.TrainSettings`), and how often the train stage repeats each variant's training."""
+
+    seeds: int = Field(3, ge=1, description="training seeds per variant (base.seed, base.seed + 1, ...): the "
+                       "report's standard errors and verdicts are across them")
+    workers: int | None = Field(None, ge=1, description="seeds trained at once, each in its own process "
+                                "(null: the CPUs this process may use, at most the number of trainings)")
+
+    def fit_settings(self) -> dict[str, Any]:
+        """The keys :class:`deqsm.train.TrainSettings` takes (what a trial or one seed's training reads)."""
+        return self.model_dump(exclude={"seeds", "workers"})
+
+    def seed_values(self, base_seed: int) -> list[int]:
+        return [base_seed + i for i in range(self.seeds)]
+
+
 class TrackingSettings(Strict):
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; relative sqlite paths are from the DVC "
                      "project's root (the one `dvc exp run --temp/--queue` started from)")
@@ -223,7 +240,7 @@ class Settings(Strict):
     base: BaseSettings = Field(default_factory=BaseSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     deq: DEQSettings = Field(default_factory=DEQSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
+    train: PipelineTrainSettings = Field(default_factory=PipelineTrainSettings)
     experiments: dict[str, ExperimentSettings] = Field(default_factory=dict)
     tune: TuneSettings = Field(default_factory=TuneSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)

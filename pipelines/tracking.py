@@ -16,6 +16,7 @@ architecture. Load it with :meth:`Tracker.download_model` and :func:`pipelines.a
 """
 from __future__ import annotations
 
+import math
 import json
 import os
 import shutil
@@ -228,6 +229,16 @@ class Tracker:
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i:i + 500])
+
+    def log_metric_rows(self, run_id: str, rows: list[dict[str, Any]]) -> None:
+        """A training curve's rows (each with its ``step``) as metric histories, in few requests."""
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, int(r["step"])) for r in rows for k, v in r.items()
+                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

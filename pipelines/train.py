@@ -1,35 +1,46 @@
 """DVC stage `train`: retrain the best configuration of every variant found by `tune`, with the full
-``train.steps``, and save the model (``<out>/models/<experiment>/<variant>.pt``) with its training curve
-(``<results>/experiments/<experiment>/curves/<variant>.csv``). Each variant is one MLflow run (stage=train).
+``train.steps``, once per seed (``train.seeds``: base.seed, base.seed + 1, ...; ``train.workers`` of them at once,
+each in its own process), and save each model (``<out>/models/<experiment>/<variant>/seed<s>.pt``) with its
+training curve (``<results>/experiments/<experiment>/curves/<variant>/seed<s>.csv``).
+
+MLflow: a run for the stage (stage=train), under it one run per variant (its figures averaged over the seeds),
+and under each variant one run per seed (its curve, training figures and logged model).
 """
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
+import os
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Iterator
 
-from pipelines.artifacts import Artifacts, load_splits, prune_variants, save_model, write_atomic
+from pipelines.artifacts import MODEL_SUFFIX, Artifacts, load_splits, prune_seeds, save_model, write_atomic
 from pipelines.settings import Settings, main_guard, run_experiment_stage
 from pipelines.trials import flatten
 
 
 class CurveLogger:
-    """deqsm.train callbacks → a CSV curve and MLflow metrics (every ``every`` steps and each evaluation)."""
+    """deqsm.train callbacks → the rows of a CSV curve (every ``every`` steps and each evaluation), logged to
+    MLflow once training is done (:meth:`log_to`: a worker process writes no MLflow store)."""
 
-    def __init__(self, tracker, run_id: str, every: int = 10) -> None:
-        self.tracker, self.run_id, self.every = tracker, run_id, every
-        self.rows: list[dict[str, float]] = []
+    def __init__(self, every: int = 10, rows: list[dict[str, float]] | None = None) -> None:
+        self.every = every
+        self.rows: list[dict[str, float]] = list(rows or [])
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         if step % self.every == 0 or step == 1:
             self.rows.append({"step": step, **metrics})
-            self.tracker.log_metrics(self.run_id, metrics, step=step)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.rows.append({"step": step, **metrics})
-        self.tracker.log_metrics(self.run_id, metrics, step=step)
+
+    def log_to(self, tracker, run_id: str) -> None:
+        """Every row as MLflow metrics at its step."""
+        tracker.log_metric_rows(run_id, self.rows)
 
     def on_checkpoint(self, step: int, path: Path) -> None: ...
 
@@ -55,17 +66,99 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def write_curve_plots(artifacts: Artifacts, name: str, curves: dict[str, CurveLogger]) -> None:
+def write_curve_plots(artifacts: Artifacts, name: str, curves: dict[tuple[str, int], CurveLogger]) -> None:
+    """One long table per plotted quantity: a line per variant and seed (the template's colour is the variant)."""
     for key in PLOTTED:
-        rows = [{"step": step, "variant": variant, key: value}
-                for variant, curve in sorted(curves.items()) for step, value in curve.series(key)]
-        write_csv(artifacts.curve_plot(name, key), ["step", "variant", key], rows)
+        rows = [{"step": step, "variant": variant, "seed": seed, key: value}
+                for (variant, seed), curve in sorted(curves.items()) for step, value in curve.series(key)]
+        write_csv(artifacts.curve_plot(name, key), ["step", "variant", "seed", key], rows)
+
+
+@dataclass(frozen=True)
+class SeedJob:
+    """One training: a variant's best configuration with one seed (plain data: it crosses to a worker process)."""
+
+    variant: str
+    seed: int
+    spec: dict[str, Any]
+    train: dict[str, Any]
+    data_root: str
+    dataset: str
+    threads: int | None
+
+
+@functools.lru_cache(maxsize=2)
+def _splits(data_root: str, dataset: str) -> dict:
+    from deqsm.data import load_splits
+
+    return load_splits(data_root, dataset)
+
+
+def train_seed(job: SeedJob) -> dict[str, Any]:
+    """Train one variant with one seed (in this process or a worker's) and return the weights, the training
+    summary, the history of evaluations and the curve's rows."""
+    import torch
+
+    from deqsm.experiments import SolverRecorder, VariantSpec, train_model
+    from deqsm.train import TrainSettings
+
+    if job.threads is not None:
+        torch.set_num_threads(job.threads)
+    curve, solver = CurveLogger(), SolverRecorder()
+    model, fit = train_model(VariantSpec(**job.spec), _splits(job.data_root, job.dataset),
+                             TrainSettings(**job.train), callbacks=[curve, solver])
+    summary = {**fit.summary(), **solver.summary(), "params": float(sum(p.numel() for p in model.parameters()))}
+    return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "summary": summary,
+            "history": fit.history, "rows": curve.rows}
+
+
+def worker_count(settings: Settings, jobs: int) -> int:
+    """train.workers, or the CPUs this process may use (each worker runs base.threads threads), at most ``jobs``."""
+    if settings.train.workers is not None:
+        return max(1, min(settings.train.workers, jobs))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus // (settings.base.threads or 1), jobs))
+
+
+def run_jobs(jobs: list[SeedJob], workers: int, progress: bool) -> Iterator[tuple[SeedJob, dict[str, Any]]]:
+    """(job, result) as the trainings finish: in this process for one worker (training's own progress bar),
+    else in ``workers`` spawned processes (a bar over the trainings). A failed training stops the others."""
+    if workers <= 1:
+        for job in jobs:
+            yield job, train_seed(job)
+        return
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc=f"train ({workers} processes)", unit="model", dynamic_ncols=True, leave=False)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    try:
+        pending = {pool.submit(train_seed, replace(job, train={**job.train, "progress": False})): job for job in jobs}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: (pending[f].variant, pending[f].seed)):
+                job = pending.pop(future)
+                try:
+                    result = future.result()
+                except BaseException:
+                    print(f"{job.variant} seed {job.seed}: training failed", flush=True)
+                    raise
+                if bar is not None:
+                    bar.update(1)
+                yield job, result
+    finally:
+        if bar is not None:
+            bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def train_experiment(settings: Settings, name: str) -> None:
-    from deqsm.experiments import VariantSpec, SolverRecorder, train_model
-    from deqsm.train import TrainSettings
     from pipelines.provenance import provenance_tags
+    from pipelines.seeds import aggregate
     from pipelines.tracking import Tracker
 
     mlflow_exp = settings.tracking.experiment_prefix + name
@@ -75,47 +168,71 @@ def train_experiment(settings: Settings, name: str) -> None:
     if not best_file.exists():
         raise FileNotFoundError(f"{best_file} is missing: run the tune stage first (dvc repro tune@{name})")
     best = json.loads(best_file.read_text())["best"]
-    splits = load_splits(artifacts, settings.experiments[name].dataset)
+    dataset = settings.experiments[name].dataset
+    load_splits(artifacts, dataset)  # checked against its manifest here, before any worker starts
+    seeds = settings.train.seed_values(settings.base.seed)
     tags = provenance_tags(settings, "pipelines.train")
-    parent = tracker.start_run(mlflow_exp, f"train-{time.strftime('%Y%m%d-%H%M%S')}", {}, {"stage": "train", **tags})
-    best_val: dict[str, float] = {}
     artifacts.models_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out, even when no variant trains
-    curves: dict[str, CurveLogger] = {}
+    jobs = []
     for variant, entry in sorted(best.items()):
         cfg = entry["config"]
         # the search's settings with the full budget (not tune.steps) and this stage's progress bar
         train_cfg = {**cfg["train"], "steps": settings.train.steps, "progress": settings.train.progress}
-        spec = VariantSpec(**cfg["spec"])
-        run_id = tracker.start_run(mlflow_exp, f"{variant}", flatten({"spec": cfg["spec"], "train": train_cfg}),
-                                   {"stage": "train", "variant": variant, **tags}, parent_run_id=parent)
-        tracker.log_dataset_inputs(run_id, artifacts.data_root, settings.experiments[name].dataset, ("train", "val"))
-        curve = curves[variant] = CurveLogger(tracker, run_id)
-        solver = SolverRecorder()
-        print(f"{name}/{variant}: training {train_cfg['steps']} steps", flush=True)
-        try:
-            model, fit = train_model(spec, splits, TrainSettings(**train_cfg), callbacks=[curve, solver])
-        except BaseException as err:  # an interrupt ends the run KILLED, an error FAILED with its reason
-            interrupted = isinstance(err, KeyboardInterrupt)
+        jobs += [SeedJob(variant, seed, cfg["spec"], {**train_cfg, "seed": seed}, str(artifacts.data_root), dataset,
+                         settings.base.threads) for seed in seeds]
+    workers = worker_count(settings, len(jobs))
+    parent = tracker.start_run(mlflow_exp, f"train-{time.strftime('%Y%m%d-%H%M%S')}",
+                               {"seeds": ",".join(map(str, seeds)), "workers": workers}, {"stage": "train", **tags})
+    variant_runs = {v: tracker.start_run(mlflow_exp, v, flatten({"spec": e["config"]["spec"],
+                                                                 "train": {**e["config"]["train"],
+                                                                           "steps": settings.train.steps}}),
+                                         {"stage": "train", "variant": v, "seeds": ",".join(map(str, seeds)), **tags},
+                                         parent_run_id=parent)
+                    for v, e in sorted(best.items())}
+    print(f"{name}: training {len(best)} variant(s) x {len(seeds)} seed(s) ({settings.train.steps} steps at most "
+          f"each), {workers} at a time", flush=True)
+    summaries: dict[str, dict[int, dict]] = {v: {} for v in best}
+    curves: dict[tuple[str, int], CurveLogger] = {}
+    try:
+        for job, result in run_jobs(jobs, workers, settings.train.progress):
+            summaries[job.variant][job.seed] = summary = result["summary"]
+            run_id = tracker.start_run(mlflow_exp, f"{job.variant}/seed{job.seed}", flatten({"train": job.train}),
+                                       {"stage": "train", "variant": job.variant, "seed": str(job.seed), **tags},
+                                       parent_run_id=variant_runs[job.variant])
+            curve = curves[job.variant, job.seed] = CurveLogger(rows=result["rows"])
+            curve.log_to(tracker, run_id)
+            tracker.log_dataset_inputs(run_id, artifacts.data_root, dataset, ("train", "val"))
+            tracker.log_metrics(run_id, {k: v for k, v in summary.items() if not isinstance(v, str)},
+                                step=int(summary["steps"]))
+            tracker.set_tags(run_id, {"memory_kind": str(summary["memory_kind"])})
+            curve_path = artifacts.curve(name, job.variant, job.seed)
+            curve.write(curve_path)
+            tracker.log_artifact(run_id, curve_path, "curves")
+            model_path = artifacts.model(name, job.variant, job.seed)
+            save_model(model_path, result["state_dict"], spec=job.spec, train=job.train, fit=summary,
+                       history=result["history"], mlflow_run_id=run_id,
+                       mlflow_variant_run_id=variant_runs[job.variant])
+            tracker.log_model(run_id, mlflow_exp, f"{job.variant}-seed{job.seed}", model_path,
+                              step=int(summary["steps"]), params=flatten({"spec": job.spec}))
+            tracker.end_run(run_id, "FINISHED")
+            print(f"{name}/{job.variant} seed {job.seed}: {int(summary['steps'])} steps, best validation loss "
+                  f"{summary['best_val_loss']:.4g} at step {int(summary['best_step'])}", flush=True)
+    except BaseException as err:  # an interrupt ends the runs KILLED, an error FAILED with its reason
+        interrupted = isinstance(err, KeyboardInterrupt)
+        for run_id in (*variant_runs.values(), parent):
             tracker.end_run(run_id, "KILLED" if interrupted else "FAILED",
                             failure_reason=None if interrupted else f"{type(err).__name__}: {err}")
-            tracker.end_run(parent, "KILLED" if interrupted else "FAILED")
-            raise
-        n_params = sum(p.numel() for p in model.parameters())
-        summary = {**fit.summary(), **solver.summary(), "params": float(n_params)}
-        tracker.log_metrics(run_id, {k: v for k, v in summary.items() if not isinstance(v, str)}, step=fit.steps)
-        tracker.set_tags(run_id, {"memory_kind": fit.memory_kind})
-        curve_path = artifacts.curve(name, variant)
-        curve.write(curve_path)
-        tracker.log_artifact(run_id, curve_path, "curves")
-        save_model(artifacts.model(name, variant), model, spec=cfg["spec"], train=train_cfg, fit=summary,
-                   history=fit.history, mlflow_run_id=run_id)
-        tracker.log_model(run_id, mlflow_exp, variant, artifacts.model(name, variant), step=fit.steps,
-                          params=flatten({"spec": cfg["spec"]}))
-        best_val[variant] = fit.best_val_loss
+        raise
+    best_val = {}
+    for variant, run_id in variant_runs.items():
+        figures = aggregate(summaries[variant])
+        tracker.log_metrics(run_id, {k: v for k, v in figures.items() if k not in ("seeds",)})
+        best_val[variant] = figures["best_val_loss_mean"]
         tracker.end_run(run_id, "FINISHED")
     write_curve_plots(artifacts, name, curves)
-    prune_variants(artifacts.models(name) + sorted(artifacts.curve(name, "_").parent.glob("*.csv")), keep=set(best))
-    tracker.log_best(parent, "val_loss", "min", best_val)  # the best validation loss of each variant
+    prune_seeds(artifacts.models_dir(name), MODEL_SUFFIX, {v: seeds for v in best})
+    prune_seeds(artifacts.curves_dir(name), ".csv", {v: seeds for v in best})
+    tracker.log_best(parent, "val_loss", "min", best_val)  # each variant's best validation loss, mean over seeds
     tracker.end_run(parent, "FINISHED")
 
 

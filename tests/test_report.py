@@ -20,6 +20,7 @@ from deqsm.train import TrainSettings
 from pipelines import bench, fidelity, report
 from pipelines.artifacts import Artifacts, save_model
 from pipelines.reporting import inputs, tables
+from pipelines.seeds import aggregate
 from pipelines.settings import load_params
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -85,13 +86,13 @@ def tree(tmp_path_factory):
     spec = VariantSpec(name="toy/deq", model="dkef", variant="deq", width=8, model_options={"n_inducing": 5},
                           loss={"name": "ssm"}, deq=settings.deq)
     model, fit = train_model(spec, splits, TrainSettings(steps=3, batch_size=32, eval_every=3, progress=False))
-    save_model(Artifacts.of(settings).model("toy", "deq"), model, spec=spec.model_dump(), train={},
+    save_model(Artifacts.of(settings).model("toy", "deq", 0), model, spec=spec.model_dump(), train={},
                fit=fit.summary(), history=fit.history, mlflow_run_id="none")
     results = root / "results/experiments/toy"
     results.mkdir(parents=True)
-    (results / "metrics.json").write_text(json.dumps(METRICS))
+    (results / "metrics.json").write_text(json.dumps({v: aggregate({0: m}) for v, m in METRICS.items()}))
     for variant in METRICS:
-        write_curve(results / "curves" / f"{variant}.csv", deq=variant == "deq")
+        write_curve(results / "curves" / variant / "seed0.csv", deq=variant == "deq")
     (root / "out/tune/toy").mkdir(parents=True)
     (root / "out/tune/toy/best.json").write_text(json.dumps(
         {"trials": 5, "failed": {"explicit-8": ["TrainingError: non-finite loss"]},
@@ -226,9 +227,12 @@ def test_missing_curve_and_fidelity_name_their_stages(tree, tmp_path):
     artifacts = Artifacts.of(settings, tmp_path)
     (tmp_path / "results/experiments/toy/curves").mkdir(parents=True)
     (tmp_path / "results/experiments/toy/metrics.json").write_text(json.dumps({"deq": METRICS["deq"]}))
-    with pytest.raises(inputs.ReportError, match=r"curves/deq.csv is missing.*dvc repro train@toy"):
+    with pytest.raises(inputs.ReportError, match=r"variant\(s\) deq have no 'seeds' list.*evaluate@toy"):
         inputs.read_experiment(artifacts, settings, "toy")
-    write_curve(tmp_path / "results/experiments/toy/curves/deq.csv", deq=True)
+    (tmp_path / "results/experiments/toy/metrics.json").write_text(json.dumps({"deq": aggregate({0: METRICS["deq"]})}))
+    with pytest.raises(inputs.ReportError, match=r"curves/deq/seed0.csv is missing.*seed 0.*dvc repro train@toy"):
+        inputs.read_experiment(artifacts, settings, "toy")
+    write_curve(tmp_path / "results/experiments/toy/curves/deq/seed0.csv", deq=True)
     with pytest.raises(inputs.ReportError, match=r"toy/fidelity.json is missing.*dvc repro fidelity@toy"):
         inputs.read_experiment(artifacts, settings, "toy")
     (tmp_path / "results/experiments/toy/fidelity.json").write_text("{not json")
@@ -297,7 +301,8 @@ def test_solver_stats_fall_back_to_the_curve(tree, tmp_path):
     path = tmp_path / "deq.csv"
     write_curve(path, deq=True)  # solver steps 7, 6, 5; residuals 1e-5, 1e-6, 1e-7
     metrics = {k: v for k, v in METRICS["deq"].items() if not k.startswith("solver")}
-    data = inputs.ExperimentData("toy", settings.experiments["toy"], {"deq": metrics}, {"deq": inputs.Curve.read(path)}, None)
+    data = inputs.ExperimentData("toy", settings.experiments["toy"], {"deq": inputs.seed_view(aggregate({0: metrics}))},
+                                 {"deq": {0: inputs.Curve.read(path)}}, None)
     row = next(r for r in tables.table_rows(data) if r["variant"] == "deq")
     assert row["solver_nstep_mean"] == 6.0 and row["solver_residual_max"] == pytest.approx(1e-5)
     assert row["solver_final_residual"] == pytest.approx(1e-7) and row["solver_source"] == "curve"

@@ -213,8 +213,9 @@ def test_a_logged_model_downloads_and_loads_weights_only_into_the_same_model(tmp
 
 
 @pytest.mark.slow
-def test_train_and_evaluate_runs_carry_datasets_models_and_honest_metric_names(tmp_path):
-    """The train stage (from a hand-written best.json, no Ray) and the evaluate stage on a SQLite store."""
+def test_train_and_evaluate_runs_carry_seeds_datasets_models_and_honest_metric_names(tmp_path):
+    """The train stage (from a hand-written best.json, no Ray; two seeds in two worker processes) and the evaluate
+    stage on a SQLite store: the stage's run holds a run per variant, each variant's run a run per seed."""
     from deqsm.data import prepare_datasets, read_manifest
     from pipelines.artifacts import Artifacts, write_json
     from pipelines.evaluate import evaluate_experiment
@@ -222,7 +223,7 @@ def test_train_and_evaluate_runs_carry_datasets_models_and_honest_metric_names(t
     from pipelines.train import train_experiment
     from pipelines.trials import trial_config
 
-    settings = _settings(tmp_path, **{"train.steps": 6, "train.eval_every": 3})
+    settings = _settings(tmp_path, **{"train.steps": 6, "train.eval_every": 3, "train.seeds": 2, "train.workers": 2})
     prepare_datasets(settings.data, tmp_path, ["mixture"])
     artifacts = Artifacts.of(settings)
     write_json(artifacts.tune_best("dkef-mixture"), {"best": {
@@ -232,11 +233,16 @@ def test_train_and_evaluate_runs_carry_datasets_models_and_honest_metric_names(t
 
     tracker = Tracker(settings.tracking_uri())
     runs = tracker.runs("dkef-mixture")
-    parent = next(r for r in runs if "variant" not in r.data.tags)
-    variants = {r.data.tags["variant"]: r for r in runs if "variant" in r.data.tags}
-    assert set(variants) == {"deq", "explicit-2"}
+    [parent] = [r for r in runs if "variant" not in r.data.tags]
+    variants = {r.data.tags["variant"]: r for r in runs if "variant" in r.data.tags and "seed" not in r.data.tags}
+    seeds = {(r.data.tags["variant"], int(r.data.tags["seed"])): r for r in runs if "seed" in r.data.tags}
+    assert set(variants) == {"deq", "explicit-2"} and set(seeds) == {(v, s) for v in variants for s in (0, 1)}
+    assert {r.data.tags["mlflow.parentRunId"] for r in variants.values()} == {parent.info.run_id}
+    metrics_json = json.loads(artifacts.metrics("dkef-mixture").read_text())
+    per_seed = json.loads(artifacts.seed_metrics("dkef-mixture").read_text())
     manifest = read_manifest(artifacts.data_root, "mixture")
-    for variant, r in variants.items():
+    for (variant, seed), r in seeds.items():
+        assert r.data.tags["mlflow.parentRunId"] == variants[variant].info.run_id
         r = tracker.client.get_run(r.info.run_id)  # search_runs leaves the outputs out
         assert r.data.tags["mlflow.source.name"] == "pipelines.train" and r.data.tags["device"] == "cpu"
         inputs = {i.tags[0].value: i.dataset for i in r.inputs.dataset_inputs}
@@ -248,11 +254,30 @@ def test_train_and_evaluate_runs_carry_datasets_models_and_honest_metric_names(t
         assert {"test/loglik", "test/fisher_divergence", "model/params", "params", "peak_bytes"} <= set(metrics)
         assert not [k for k in metrics if k.startswith("test/") and k[5:] in ("params", "train_steps", "peak_bytes",
                                                                                "step_ms_median", "steps")]
+        assert metrics["test/loglik"] == per_seed[variant][str(seed)]["test_loglik"]
+        assert r.data.params["train.seed"] == str(seed)
         [output] = r.outputs.model_outputs
         logged = tracker.client.get_logged_model(output.model_id)
-        assert logged.name == variant and logged.source_run_id == r.info.run_id
-        assert tracker.download_model(output.model_id, tmp_path / variant).read_bytes() == \
-            artifacts.model("dkef-mixture", variant).read_bytes()
-        assert parent.data.metrics[f"best/{variant}/val_loss"] == metrics["best_val_loss"]
-    assert parent.data.metrics["best/val_loss"] == min(r.data.metrics["best_val_loss"] for r in variants.values())
-    assert parent.data.tags["best_variant"] in variants
+        assert logged.name == f"{variant}-seed{seed}" and logged.source_run_id == r.info.run_id
+        assert tracker.download_model(output.model_id, tmp_path / variant / str(seed)).read_bytes() == \
+            artifacts.model("dkef-mixture", variant, seed).read_bytes()
+    for variant, r in variants.items():
+        m = r.data.metrics
+        values = [per_seed[variant][s]["test_loglik"] for s in ("0", "1")]
+        assert values[0] != values[1], "the seeds train different models"
+        assert m["test/loglik_mean"] == pytest.approx(sum(values) / 2) == metrics_json[variant]["test_loglik_mean"]
+        assert m["test/loglik_se_seeds"] == pytest.approx(abs(values[0] - values[1]) / 2)
+        assert "model/params_mean" in m and metrics_json[variant]["seeds"] == [0, 1]
+        assert parent.data.metrics[f"best/{variant}/val_loss"] == pytest.approx(m["best_val_loss_mean"])
+    # the same seeds trained in this process (workers 1) give the same weights as in the worker processes
+    import torch
+
+    one = settings.model_copy(update={"train": settings.train.model_copy(update={"workers": 1}),
+                                      "base": settings.base.model_copy(update={"out": "out1"})})
+    write_json(Artifacts.of(one).tune_best("dkef-mixture"), json.loads(artifacts.tune_best("dkef-mixture").read_text()))
+    train_experiment(one, "dkef-mixture")
+    for variant in variants:
+        for seed in (0, 1):
+            a, b = (torch.load(Artifacts.of(s).model("dkef-mixture", variant, seed), weights_only=True)["state_dict"]
+                    for s in (settings, one))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (variant, seed)

@@ -103,6 +103,8 @@ def experiment_figures(artifacts: Artifacts, data: ExperimentData, deq_tol: floa
         if vsteps:
             ax.plot(vsteps, vloss, "o--", color=f"C{i % 10}", ms=3, lw=1, label=f"{variant} val")
             val_series[variant] = (vsteps, vloss)
+        for other in list(data.seed_curves.get(variant, {}).values())[1:]:  # the other seeds' validation, fainter
+            ax.plot(*other.series("val_loss"), "--", color=f"C{i % 10}", lw=0.8, alpha=0.45)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"{loss_label(data.spec)} loss")
     ax.set_title(f"{data.name}: training curves")

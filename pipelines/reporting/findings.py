@@ -132,9 +132,17 @@ def caveats(s: Settings, datas: list[ExperimentData], all_rows: dict[str, list[d
         out.append(f"The memory benchmark ran at input {s.bench.in_dim}, width {s.bench.width}, batch {s.bench.batch} "
                    f"(params.yaml's bench section); `dvc exp run -S bench.in_dim=784 -S bench.width=1000 "
                    "-S bench.batch=128` measures the paper's size.")
-    out.append(f"Every ± and interval is an evaluation error (Monte-Carlo draws, test rows, sample draws) of one "
-               f"trained model per variant (base.seed = {s.base.seed}): seed-to-seed variation of training is not "
-               "in them, so a verdict says the evaluation separates the two models, not that retraining would.")
+    seeds = s.train.seed_values(s.base.seed)
+    if len(seeds) > 1:
+        out.append(f"Every figure is a mean over {len(seeds)} training seeds ({', '.join(map(str, seeds))}; "
+                   "train.seeds) and every ± its standard error across them; verdicts are Welch t comparisons of "
+                   f"those means. With {len(seeds)} seeds a standard error is itself rough (it rests on "
+                   f"{len(seeds) - 1} degrees of freedom), which the t quantile in each verdict accounts for.")
+    else:
+        out.append(f"Every ± and interval is an evaluation error (Monte-Carlo draws, test rows, sample draws) of one "
+                   f"trained model per variant (train.seeds = 1, base.seed = {s.base.seed}): seed-to-seed variation "
+                   "of training is not in them, so a verdict says the evaluation separates the two models, not that "
+                   "retraining would.")
     for data in datas:
         steps = sorted({int(r["train_steps"]) for r in all_rows[data.name] if r["train_steps"] is not None})
         if steps:

@@ -40,12 +40,23 @@ def number(value: Any) -> float | None:
 
 
 
+def seed_view(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A variant's metrics.json entry with each ``<metric>_mean`` (the mean over seeds) also under ``<metric>``,
+    so that every column reads its figure by one name; ``<metric>_se_seeds`` stays the error that verdicts use
+    (:func:`pipelines.reporting.verdicts.estimate`)."""
+    return {**{k.removesuffix("_mean"): v for k, v in metrics.items() if k.endswith("_mean")}, **metrics}
+
+
 def read_metrics(artifacts: Artifacts, experiment: str) -> dict[str, dict[str, Any]]:
     path = artifacts.metrics(experiment)
     data = read_json(path, f"evaluate@{experiment}")
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ReportError(f"{path} must map variant names to {{metric: value}} objects")
-    return data
+    bad = [v for v, m in data.items() if not isinstance(m.get("seeds"), list) or not m["seeds"]]
+    if bad:
+        raise ReportError(f"{path}: variant(s) {', '.join(bad)} have no 'seeds' list (metrics.json from before the "
+                          f"train stage trained several seeds?): re-run dvc repro evaluate@{experiment}")
+    return {v: seed_view(m) for v, m in data.items()}
 
 
 
@@ -100,10 +111,15 @@ class ExperimentData:
 
     name: str
     spec: ExperimentSettings
-    metrics: dict[str, dict[str, Any]]
-    curves: dict[str, Curve]
+    metrics: dict[str, dict[str, Any]]  # variant → seed_view of its metrics.json entry
+    seed_curves: dict[str, dict[int, Curve]]  # variant → seed → training curve
     tune: dict[str, Any] | None
     fidelity: dict[str, Any] | None = None  # the fidelity stage's rows per DEQ variant
+
+    @property
+    def curves(self) -> dict[str, Curve]:
+        """Each variant's first seed's curve (the solver columns and the figures' solid lines)."""
+        return {v: c[min(c)] for v, c in self.seed_curves.items() if c}
 
     def headline(self) -> Headline:
         """What the experiment is judged by: its model family says (:meth:`deqsm.models.ModelFamily.headline_of`)."""
@@ -146,13 +162,15 @@ def read_experiment(artifacts: Artifacts, settings: Settings, name: str) -> Expe
     (fidelity) of one experiment."""
     spec = settings.experiments[name]
     metrics = read_metrics(artifacts, name)
-    curves = {}
-    for variant in metrics:
-        path = artifacts.curve(name, variant)
-        if not path.exists():
-            raise ReportError(f"{path} is missing (metrics.json has variant {variant!r}): run the train stage "
-                              f"(dvc repro train@{name})")
-        curves[variant] = Curve.read(path)
+    curves: dict[str, dict[int, Curve]] = {}
+    for variant, m in metrics.items():
+        curves[variant] = {}
+        for seed in m["seeds"]:
+            path = artifacts.curve(name, variant, int(seed))
+            if not path.exists():
+                raise ReportError(f"{path} is missing (metrics.json has variant {variant!r} seed {seed}): run the "
+                                  f"train stage (dvc repro train@{name})")
+            curves[variant][int(seed)] = Curve.read(path)
     best = artifacts.tune_best(name)
     tune = read_json(best, f"tune@{name}") if best.exists() else None
     fidelity = read_json(artifacts.fidelity(name), f"fidelity@{name}")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.reporting.inputs import MEMORY_KINDS, MIB, ExperimentData, number
-from pipelines.reporting.verdicts import SE_WORDS, Estimate, estimate
+from pipelines.reporting.verdicts import Estimate, estimate, se_words
 from pipelines.settings import ExperimentSettings
 
 DASH = "—"
@@ -70,6 +70,7 @@ def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
             "solver_residual_max": residual_max, "solver_source": solver_source, "test_ssm_loss": g("test_ssm_loss"),
             "test_sm_loss": g("test_sm_loss"), "test_loss": g("test_loss"), "fisher_divergence": g("fisher_divergence"),
             "train_steps": g("train_steps"), "train_best_val_loss": g("train_best_val_loss"),
+            "n_seeds": g("n_seeds"),
         })
     return rows
 
@@ -82,7 +83,7 @@ CSV_COLUMNS = ["experiment", "variant", "kind", "depth", "loss", "status", "main
                "kid_std", "kid_train_vs_test",
                "score_step_peak_mib", "test_bpd", "peak_mib", "peak_bytes", "memory_kind", "step_ms_median", "params", "solver_nstep_mean",
                "solver_final_residual", "solver_residual_max", "solver_source", "test_ssm_loss", "test_sm_loss", "test_loss",
-               "fisher_divergence", "train_steps", "train_best_val_loss"]
+               "fisher_divergence", "train_steps", "train_best_val_loss", "n_seeds"]
 
 
 
@@ -120,7 +121,7 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
             *(["KDE ELBO (diagnostic, biased up)"] if iw_headline and has("test_elbo") else []),
             *(["train-vs-test FD (floor)"] if fd and has("fd_train_vs_test") else []),
             *([f"{kid} ± std", "train-vs-test KID"] if kid else [])]
-    header = ["variant", "loss", main.label, *side,
+    header = ["variant", "loss", "seeds", main.label, *side,
               "peak memory (MiB)", *(["score-net step memory (MiB)"] if score_mem else []), "ms/step", "parameters",
               "solver steps", "final residual", *(["test SSM loss"] if density else []), *(label for _, label in extra),
               "train steps"]
@@ -139,13 +140,15 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
         if len(kinds) > 1 and mem != DASH:
             mem += f" ({r['memory_kind']})"
         name = r["variant"] + (f" (depth {r['depth']})" if r["depth"] is not None else " (DEQ)" if r["kind"] == "deq" else "")
-        body.append([name, r["loss"], value, *(cells[c] for c in side),
+        body.append([name, r["loss"], fmt(r["n_seeds"], ".0f"), value, *(cells[c] for c in side),
                      mem, *([fmt(r["score_step_peak_mib"], ".3f")] if score_mem else []), fmt(r["step_ms_median"], ".1f"),
                      fmt(r["params"], ",.0f"), fmt(r["solver_nstep_mean"], ".1f"), fmt(r["solver_final_residual"], ".2e"),
                      *([fmt(r["test_ssm_loss"], ".4g")] if density else []), *(fmt(r[k], ".4g") for k, _ in extra),
                      fmt(r["train_steps"], ".0f")])
     notes = [f"Experiment `{data.name}`: dataset `{data.spec.dataset}`, model `{data.spec.model}`, "
-             f"loss `{loss_label(data.spec)}`. {DASH}: not measured for that variant."]
+             f"loss `{loss_label(data.spec)}`. {DASH}: not measured for that variant. Every figure is the mean over "
+             "the variant's training seeds (`seeds`: how many; each seed a model trained from its own "
+             "initialisation and batch order, evaluated on the same test data)."]
     if density and has("test_bpd"):
         notes.append("Bits/dim: of the discrete pixels (the dequantisation bound −log₂ P(x) per pixel, with the pixel "
                      "levels and logit α of the prepared dataset's manifest), the figure the literature reports for "
@@ -174,7 +177,7 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
     for k in kinds:
         notes.append(f"Peak memory counts `{k}`: {MEMORY_KINDS.get(k, 'as named')}.")
     for k in se_kinds:
-        notes.append(f"± is `{k}`: {SE_WORDS.get(k, k)}.")
+        notes.append(f"± is `{k}`: {se_words(k)}.")
     notes.append("Solver steps: mean DEQ solver iterations per training step; final residual: the largest "
                  "absolute residual ‖f(z) − z‖ of the last logged training step (over DEQ layers).")
     from_curve = [r["variant"] for r in rows if r["solver_source"] == "curve"]
