@@ -6,6 +6,9 @@ pipeline turns into Ray Tune reports and MLflow metrics. What it does:
 - optimiser and learning-rate schedule from :class:`TrainSettings`, gradient clipping, seeds;
 - evaluation every ``eval_every`` steps on the validation set, early stopping on its loss, and the
   best weights restored at the end;
+- a convergence rule: training stops when ``patience`` evaluations in a row bring no improvement larger
+  than ``min_delta`` (relative to the best loss so far), or at the step cap ``steps``; ``FitResult.converged``
+  says which (True: the plateau rule fired);
 - per-step metrics: the loss and its terms, the DEQ solver stats (steps, residuals), step time and the
   memory of the step (:mod:`deqsm.metrics.memory`);
 - checkpoints (atomic writes; resumed with ``torch.load(weights_only=True)``);
@@ -56,6 +59,9 @@ class TrainSettings(Strict):
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(4, ge=1, description="validation batches per evaluation")
     patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
+    min_delta: float = Field(
+        0.0, ge=0, description="relative improvement an evaluation needs to reset the patience count: "
+        "val_loss < best - min_delta * |best| (the best weights are still those of the lowest val_loss)")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints (default: eval_every)")
     max_nonconverged_steps: int | None = Field(
         None, ge=1, description="consecutive steps whose DEQ solve missed tol before training stops")
@@ -85,19 +91,23 @@ class FitResult:
     steps: int
     best_val_loss: float
     best_step: int
-    stopped_early: bool
+    stopped_early: bool  # the plateau rule fired (kept for compatibility; the same as ``converged``)
     step_ms_median: float
     peak_bytes: int
     memory_kind: str
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per evaluation
     clipped_fraction: float = 0.0  # of the steps whose gradient norm train.grad_clip cut down
+    # True when training stopped because `patience` evaluations passed without an improvement of more than
+    # min_delta (the plateau rule fired, also when at the last evaluation); False when it ran to the step cap
+    # or no patience was set.
+    converged: bool = False
 
     def summary(self) -> dict[str, float | str]:
         return {
             "steps": float(self.steps), "best_val_loss": self.best_val_loss, "best_step": float(self.best_step),
             "stopped_early": float(self.stopped_early), "step_ms_median": self.step_ms_median,
             "peak_bytes": float(self.peak_bytes), "memory_kind": self.memory_kind,
-            "clipped_fraction": self.clipped_fraction,
+            "clipped_fraction": self.clipped_fraction, "converged": float(self.converged),
         }
 
 
@@ -135,6 +145,14 @@ def mean_loss(model: nn.Module, objective: Objective, data: Tensor, batch_size: 
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
+def improves(value: float, best: float, min_delta: float) -> bool:
+    """Whether ``value`` counts as an improvement on ``best`` for the patience rule: lower than
+    ``best - min_delta * |best|`` (relative threshold; any finite value improves on ``best = inf``)."""
+    if math.isinf(best) and best > 0:
+        return math.isfinite(value)
+    return value < best - min_delta * abs(best)
+
+
 def _atomic_save(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -163,6 +181,11 @@ def fit(
 
     With ``checkpoint_dir``, the state is saved there every ``checkpoint_every`` steps (``last.pt``) and
     training resumes from it when it exists. Early stopping watches the validation loss.
+
+    Two "best" losses are tracked: ``best_val`` (the lowest val_loss seen; its weights are restored at the end)
+    and ``plateau_ref`` (the loss of the last evaluation that counted as an improvement for the patience rule:
+    lower than ``plateau_ref - min_delta * |plateau_ref|``). With ``min_delta=0`` they are the same. A small
+    improvement below the threshold updates the restored weights but not the patience count.
     """
     callbacks = callbacks or []
     device = resolve_device(settings.device)
@@ -185,6 +208,7 @@ def fit(
     best_val, best_step, best_state = math.inf, 0, None
     history: list[dict[str, float]] = []
     evals_without_improvement = 0
+    plateau_ref = math.inf  # the loss the patience rule compares against (see the docstring)
     # Timings, peak memory and clipped steps cover every step, also across a resume (saved with the checkpoint).
     step_times: list[float] = []
     peak, memory_kind, clipped_steps = 0, "autograd_saved_bytes", 0
@@ -200,6 +224,7 @@ def fit(
         best_state = state.get("best_model")
         history = list(state.get("history", []))
         evals_without_improvement = int(state.get("evals_without_improvement", 0))
+        plateau_ref = float(state.get("plateau_ref", best_val))  # older checkpoints: min_delta was 0
         perm, cursor = state["perm"], int(state["cursor"])
         step_times = [float(t) for t in state.get("step_seconds", [])]
         peak, memory_kind = int(state.get("peak_bytes", 0)), str(state.get("memory_kind", memory_kind))
@@ -213,7 +238,8 @@ def fit(
             **({"scheduler": sched.state_dict()} if sched is not None else {}),
             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
             "best_val": best_val, "best_step": best_step, "best_model": best_state, "history": history,
-            "evals_without_improvement": evals_without_improvement, "perm": perm, "cursor": cursor,
+            "evals_without_improvement": evals_without_improvement, "plateau_ref": plateau_ref,
+            "perm": perm, "cursor": cursor,
             "step_seconds": torch.tensor(step_times, dtype=torch.float64), "peak_bytes": peak,
             "memory_kind": memory_kind, "clipped_steps": clipped_steps,
         }, ckpt_path)
@@ -276,16 +302,21 @@ def fit(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss):.4g}",  # solver iterations for DEQ models only
-                                **({"nstep": int(metrics["solver_nstep"])} if "solver_nstep" in metrics else {}))
+                                **({"nstep": int(metrics["solver_nstep"])} if "solver_nstep" in metrics else {}),
+                                **({"plateau": f"{evals_without_improvement}/{settings.patience}"}
+                                   if settings.patience is not None else {}))
             if step % settings.eval_every == 0 or step == settings.steps:
                 data = val if val is not None else train
                 ev = {f"val_{k}": v for k, v in mean_loss(model, objective, data, settings.batch_size,
                                                          settings.eval_batches).items()}
                 ev["step"] = float(step)
                 history.append(ev)
-                if ev["val_loss"] < best_val:
-                    best_val, best_step, evals_without_improvement = ev["val_loss"], step, 0
+                if ev["val_loss"] < best_val:  # the weights to restore: the lowest loss, however small the gain
+                    best_val, best_step = ev["val_loss"], step
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                # The patience count: only a gain of more than min_delta (relative) resets it.
+                if improves(ev["val_loss"], plateau_ref, settings.min_delta):
+                    plateau_ref, evals_without_improvement = ev["val_loss"], 0
                 else:
                     evals_without_improvement += 1
                 for cb in callbacks:
@@ -303,4 +334,4 @@ def fit(
         model.load_state_dict(best_state)
     warm = step_times[1:] or step_times
     return FitResult(step, best_val, best_step, stopped_early, 1000 * statistics.median(warm) if warm else 0.0,
-                     peak, memory_kind, history, clipped_steps / step if step else 0.0)
+                     peak, memory_kind, history, clipped_steps / step if step else 0.0, converged=stopped_early)

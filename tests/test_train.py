@@ -1,10 +1,12 @@
 """The training loop: it learns, stops early, resumes from checkpoints exactly, and fails clearly."""
+import math
+
 import pytest
 import torch
 
-from deqsm.losses import get_loss
+from deqsm.losses import LossOutput, get_loss
 from deqsm.models.energy_mlp import DEQEnergyMLP, ExplicitEnergyMLP
-from deqsm.train import Callback, TrainingError, TrainSettings, fit, load_checkpoint
+from deqsm.train import Callback, TrainingError, TrainSettings, fit, improves, load_checkpoint
 
 
 def gaussian_data(n=512, d=3, seed=0):
@@ -133,3 +135,81 @@ def test_the_fraction_of_clipped_steps_is_measured():
         result = fit(ExplicitEnergyMLP(3, 8, 1), objective, data, None, settings(steps=10, grad_clip=clip), [rec])
         assert result.clipped_fraction == expected and result.summary()["clipped_fraction"] == expected
         assert {m["grad_clipped"] for _, m in rec.steps} == {expected}
+
+
+class Drift(torch.nn.Module):
+    """A toy whose loss is 100 + p: plain SGD lowers p by lr per step, so each evaluation improves on the last
+    by the same tiny amount (5 steps × lr 1e-3 = 0.005, a relative 5e-5) and never levels off."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+
+def drift_objective(model, batch):
+    return LossOutput(100.0 + model.p)
+
+
+def drift(**kw):
+    base = dict(steps=100, batch_size=8, optimizer="sgd", lr=1e-3, grad_clip=None, eval_every=5, patience=3)
+    return settings(**{**base, **kw})
+
+
+def test_min_delta_stops_a_run_whose_improvements_are_too_small():
+    """#conv: with min_delta above the per-evaluation gain (5e-5 relative) no evaluation after the first
+    counts, so patience 3 stops training at the 4th evaluation; with min_delta 0 every one counts and training
+    runs to the cap. The weights restored are still the lowest loss's (the last evaluation's)."""
+    data = gaussian_data(n=64)
+    model = Drift()
+    stopped = fit(model, drift_objective, data, data, drift(min_delta=1e-3))
+    assert stopped.steps == 20 and stopped.converged and stopped.stopped_early
+    assert stopped.best_step == 20 and stopped.best_val_loss == pytest.approx(100 - 20e-3)
+    assert float(model.p.detach()) == pytest.approx(-20e-3)
+    capped = fit(Drift(), drift_objective, data, data, drift(min_delta=0.0))
+    assert capped.steps == 100 and not capped.converged and not capped.stopped_early
+    assert [e["step"] for e in capped.history] == [float(s) for s in range(5, 101, 5)]
+
+
+def test_converged_says_whether_the_plateau_rule_fired():
+    """converged (and the summary's flag) is True only when patience ran out; a run that hits the step cap,
+    with or without patience, is not converged."""
+    data = gaussian_data()
+    torch.manual_seed(0)
+    plateau = fit(ExplicitEnergyMLP(3, 8, 1), objective, data, data[:64],
+                  settings(steps=2000, lr=1e-9, eval_every=5, patience=2))
+    assert plateau.converged and plateau.steps < 2000 and plateau.summary()["converged"] == 1.0
+    for kw in (dict(patience=None), dict(patience=50)):
+        torch.manual_seed(0)
+        capped = fit(ExplicitEnergyMLP(3, 8, 1), objective, data, data[:64], settings(steps=40, **kw))
+        assert capped.steps == 40 and not capped.converged and capped.summary()["converged"] == 0.0, kw
+
+
+@pytest.mark.parametrize("min_delta,steps", [(1e-3, 20), (1.25e-4, 60)])
+def test_resume_mid_plateau_keeps_the_count_and_reference(tmp_path, min_delta, steps):
+    """A checkpoint written after 3 evaluations (2 without improvement) resumes where it was. min_delta 1e-3:
+    the 4th evaluation is the 3rd without improvement, so training stops at step 20 as it does uninterrupted
+    (a lost count would go on to 30). min_delta 1.25e-4 (a threshold of 2.5 evaluations' gain): the 4th
+    evaluation improves on the 1st, the reference the rule compares against, so training runs to the cap
+    (comparing with the lowest loss, the 3rd, would stop it at 20)."""
+    data = gaussian_data(n=64)
+    straight = fit(Drift(), drift_objective, data, data, drift(steps=60, min_delta=min_delta))
+    assert straight.steps == steps
+    first = fit(Drift(), drift_objective, data, data, drift(steps=15, min_delta=min_delta), checkpoint_dir=tmp_path)
+    assert first.steps == 15 and not first.converged
+    assert load_checkpoint(tmp_path / "last.pt")["evals_without_improvement"] == 2
+    resumed = fit(Drift(), drift_objective, data, data, drift(steps=60, min_delta=min_delta), checkpoint_dir=tmp_path)
+    assert (resumed.steps, resumed.converged, resumed.best_step) == (straight.steps, straight.converged, straight.best_step)
+    assert resumed.best_val_loss == pytest.approx(straight.best_val_loss, abs=1e-12)
+
+
+def test_improves_is_relative_and_anything_finite_beats_inf():
+    assert improves(1.0, math.inf, 0.5) and not improves(math.inf, math.inf, 0.0)
+    assert improves(-2.1, -2.0, 0.01) and not improves(-2.01, -2.0, 0.01)  # |best| scales the threshold
+    assert improves(0.98, 1.0, 0.01) and not improves(0.995, 1.0, 0.01) and improves(0.995, 1.0, 0.0)
+
+
+def test_progress_bar_shows_the_plateau_count(capsys):
+    data = gaussian_data(n=64)
+    fit(Drift(), drift_objective, data, data, drift(min_delta=1e-3, progress=True))
+    err = capsys.readouterr().err
+    assert "plateau=2/3" in err and "plateau=3/3" not in err  # the bar closes at the stop, before a refresh

@@ -1,0 +1,73 @@
+"""The report's convergence verdicts: the plateau rule's flag, the flatness of a curve's end, and the table."""
+import pytest
+
+from pipelines.reporting.convergence import Convergence, convergence, convergence_table_md, summarize
+
+
+def steps(n):
+    return [float(50 * (i + 1)) for i in range(n)]
+
+
+def run(converged, flat, n_steps=300.0, change=None):
+    if change is None and flat is not None:
+        change = 0.001 if flat else -0.2
+    return Convergence(converged, n_steps, n_steps, change, flat)
+
+
+def test_a_curve_still_falling_at_the_end_is_not_flat():
+    losses = [10.0 - 0.4 * i for i in range(20)]  # 10 → 2.4, linearly
+    c = convergence(steps(20), losses, {"converged": 0.0, "steps": 1000.0, "best_step": 1000.0})
+    # quarters of 5 evaluations: the last (4.0 .. 2.4) averages 3.2, the one before (6.0 .. 4.4) 5.2
+    assert c.final_change == pytest.approx((3.2 - 5.2) / 5.2)
+    assert c.flat is False and c.converged is False and (c.steps, c.best_step) == (1000.0, 1000.0)
+
+
+def test_a_curve_constant_over_its_last_half_is_flat():
+    losses = [5.0, 4.0, 3.0, 2.5] + [-1.5] * 4  # negative losses (score matching): |before| is the scale
+    c = convergence(steps(8), losses, {"converged": True, "train_steps": 400, "train_best_step": 250})
+    assert c.final_change == 0.0 and c.flat is True
+    assert c.converged is True and (c.steps, c.best_step) == (400.0, 250.0)
+
+
+def test_short_or_broken_curves_and_missing_summaries_are_unknown():
+    c = convergence(steps(3), [3.0, 2.0, 1.0], {})
+    assert (c.converged, c.steps, c.best_step, c.final_change, c.flat) == (None, None, None, None, None)
+    nan_dropped = convergence(steps(5), [1.0, float("nan"), 1.0, 1.0, 1.0], {"converged": None})
+    assert nan_dropped.final_change == 0.0 and nan_dropped.converged is None
+    with pytest.raises(ValueError, match="3 validation steps but 2 losses"):
+        convergence(steps(3), [1.0, 2.0], {})
+
+
+def test_the_tolerance_decides_flat():
+    losses = [1.0] * 6 + [0.98] * 2  # a 2% drop in the last quarter
+    assert convergence(steps(8), losses, {}).flat is False
+    assert convergence(steps(8), losses, {}, flat_tol=0.05).flat is True
+
+
+def test_summarize_verdicts_for_mixed_seeds():
+    both = summarize([run(True, True, 200.0), run(True, False, 350.0)])
+    assert both["verdict"] == "converged" and (both["n"], both["n_converged"], both["n_flat"]) == (2, 2, 1)
+    assert (both["steps_mean"], both["steps_min"], both["steps_max"]) == (275.0, 200.0, 350.0)
+    assert both["final_change_max_abs"] == pytest.approx(0.2)
+    assert summarize([run(False, True), run(False, True)])["verdict"] == "flat at the cap"
+    moving = summarize([run(False, True), run(False, False)])  # one seed still falling at the cap
+    assert moving["verdict"] == "not converged" and (moving["n_converged"], moving["n_flat"]) == (0, 1)
+    assert summarize([run(True, True), run(False, True)])["verdict"] == "not converged"  # a mix: not all by the rule
+    assert summarize([run(False, None)])["verdict"] == "not converged"  # hit the cap, curve too short to say
+    nothing = summarize([run(None, None, None)])
+    assert nothing["verdict"] == "unknown" and nothing["steps_mean"] is None and nothing["final_change_max_abs"] is None
+    assert summarize([])["verdict"] == "unknown"
+
+
+def test_the_table_shows_the_counts_steps_and_change():
+    rows = [("deq", summarize([run(True, True, 200.0), run(True, False, 400.0), run(False, False, 1000.0)])),
+            ("explicit", summarize([run(False, True, 1000.0, change=-0.004)])),
+            ("lost", summarize([]))]
+    md = convergence_table_md(rows)
+    lines = md.splitlines()
+    assert lines[0].startswith("| variant | verdict | converged (plateau rule) | flat at the end |")
+    assert "| deq | not converged | 2/3 | 1/3 | 533 [200, 1,000] | 20.00% |" in lines
+    assert "| explicit | flat at the cap | 0/1 | 1/1 | 1,000 | 0.40% |" in lines
+    assert "| lost | unknown | — | — | — | — |" in lines
+    notes = [line for line in lines if line.startswith("- ")]
+    assert len(notes) == 2 and "1%" in notes[1] and "train.patience" in notes[0]
