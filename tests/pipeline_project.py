@@ -23,7 +23,7 @@ def tiny_params(**changes: Any) -> dict:
         "mixture": {"shape": "rings", "std": 0.1, "n_train": 400, "n_val": 100, "n_test": 100},
     }
     raw["deq"].update(max_iter=20, tol=1e-3)
-    raw["train"].update(steps=12, batch_size=32, eval_every=6, eval_batches=1, progress=False)
+    raw["train"].update(steps=12, batch_size=32, eval_every=6, eval_batches=1, progress=False, seeds=2)
     raw["experiments"] = {
         "dkef-mixture": {"dataset": "mixture", "model": "dkef", "width": 8,
                          "model_options": {"n_inducing": 8, "alpha_eval_rows": 100}, "loss": {"name": "ssm"},

@@ -39,25 +39,32 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
         assert {f"tune@{exp}", f"train@{exp}", f"evaluate@{exp}", f"fidelity@{exp}"} <= ran
         metrics = json.loads((root / "results" / "experiments" / exp / "metrics.json").read_text())
         assert set(metrics) == {"deq", "explicit-2"}
-        for row in metrics.values():
-            assert isinstance(row["test_loglik"], float) and row["peak_bytes"] > 0 and row["step_ms_median"] > 0
-            assert row["params"] > 0
-        assert metrics["deq"]["solver_nstep_mean"] >= 1
+        for row in metrics.values():  # means over the seeds, with their standard errors
+            assert row["seeds"] == [0, 1] and isinstance(row["test_loglik_mean"], float)
+            assert row["test_loglik_se_seeds"] > 0 and row["peak_bytes_mean"] > 0 and row["step_ms_median_mean"] > 0
+            assert row["params_mean"] > 0
+        assert metrics["deq"]["solver_nstep_mean_mean"] >= 1
+        per_seed = json.loads((root / "results" / "experiments" / exp / "seeds.json").read_text())
+        assert {v: sorted(s) for v, s in per_seed.items()} == {"deq": ["0", "1"], "explicit-2": ["0", "1"]}
         best = json.loads((root / "out" / "tune" / exp / "best.json").read_text())
         assert best["trials"] == 4 and set(best["best"]) == {"deq", "explicit-2"}
         progress = [ln for ln in (first.stdout + first.stderr).splitlines() if ln.startswith(f"[{exp} ")]
         assert [ln.split()[1] for ln in progress] == ["1/4]", "2/4]", "3/4]", "4/4]"], progress
-        curves = sorted(p.name for p in (root / "results" / "experiments" / exp / "curves").glob("*.csv"))
-        assert curves == ["deq.csv", "explicit-2.csv"]
+        curves = sorted(p.relative_to(root / "results" / "experiments" / exp / "curves").as_posix()
+                        for p in (root / "results" / "experiments" / exp / "curves").rglob("*.csv"))
+        assert curves == ["deq/seed0.csv", "deq/seed1.csv", "explicit-2/seed0.csv", "explicit-2/seed1.csv"]
+        models = sorted(p.relative_to(root / "out" / "models" / exp).as_posix()
+                        for p in (root / "out" / "models" / exp).rglob("*.pt"))
+        assert models == ["deq/seed0.pt", "deq/seed1.pt", "explicit-2/seed0.pt", "explicit-2/seed1.pt"]
     mixture = json.loads((root / "results" / "experiments" / "dkef-mixture" / "metrics.json").read_text())
     assert "fisher_divergence" in mixture["deq"], "generated data: the true score is known"
     nice = json.loads((root / "results" / "experiments" / "nice-digits" / "metrics.json").read_text())
-    assert nice["deq"]["test_bpd"] > 0
+    assert nice["deq"]["test_bpd_mean"] > 0
     assert {"bench", "report"} <= ran
     report = (root / "results" / "REPORT.md").read_text()
     for exp in EXPERIMENTS:
         assert exp in report and (root / "results" / "tables" / f"{exp}.md").exists()
-        assert f"{nice['deq']['test_loglik']:.2f}" in (root / "results" / "tables" / "nice-digits.md").read_text()
+        assert f"{nice['deq']['test_loglik_mean']:.2f}" in (root / "results" / "tables" / "nice-digits.md").read_text()
     assert (root / "results" / "figures" / "memory_depth.png").stat().st_size > 1000
 
 
@@ -96,8 +103,13 @@ def test_mlflow_holds_one_run_per_trial(project):
         best = json.loads((root / "out" / "tune" / exp / "best.json").read_text())["best"]
         assert parents[0].data.metrics["best/deq/val_loss"] == best["deq"]["metrics"]["val_loss"]
         final = [r for r in runs if r.data.tags.get("stage") == "train" and "variant" in r.data.tags]
-        assert sorted(r.data.tags["variant"] for r in final) == ["deq", "explicit-2"]
-        for r in final:
+        by_variant = {r.data.tags["variant"]: r for r in final if "seed" not in r.data.tags}
+        seeds = [r for r in final if "seed" in r.data.tags]
+        assert sorted(by_variant) == ["deq", "explicit-2"] and len(seeds) == 4
+        for r in by_variant.values():  # the variant's run: means and errors over its seeds' runs, nested under it
+            assert {"test/loglik_mean", "test/loglik_se_seeds", "best_val_loss_mean"} <= set(r.data.metrics)
+        for r in seeds:
+            assert r.data.tags["mlflow.parentRunId"] == by_variant[r.data.tags["variant"]].info.run_id
             assert "test/loglik" in r.data.metrics and "peak_bytes" in r.data.metrics
             assert not any(k in r.data.metrics for k in ("test/params", "test/train_steps", "test/peak_bytes"))
             assert [a.path for a in tracker.client.list_artifacts(r.info.run_id)] == ["curves"]
@@ -187,11 +199,11 @@ def test_experiments_compare_in_dvc_exp_show_metrics_diff_and_plots_diff(project
         assert f"results/experiments/{exp}/metrics.json" in flat
     rows = run(["dvc", "exp", "show", "--csv", "--no-pager"], root).stdout.splitlines()
     header = rows[0].split(",")
-    col = header.index("results/experiments/nice-digits/metrics.json:deq.test_loglik")
+    col = header.index("results/experiments/nice-digits/metrics.json:deq.test_loglik_mean")
     values = [r.split(",")[col] for r in rows[1:]]
     assert len(values) >= 2 and all(v not in ("", "!", "-") for v in values), rows
     diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "broyden", "--json"], root).stdout)
-    deq = diff["results/experiments/nice-digits/metrics.json"]["deq.test_loglik"]
+    deq = diff["results/experiments/nice-digits/metrics.json"]["deq.test_loglik_mean"]
     assert isinstance(deq["old"], float) and isinstance(deq["new"], float)
     plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "broyden", "--json"], root).stdout)
     assert not plots.get("errors"), plots.get("errors")
@@ -201,6 +213,7 @@ def test_experiments_compare_in_dvc_exp_show_metrics_diff_and_plots_diff(project
     assert {v["rev"] for v in values} == {"HEAD", "broyden"} and {v["variant"] for v in values} == {"deq", "explicit-2"}
     assert all(v["train_loss"] not in ("", None) for v in values), "no blank (drawn as 0) in a plotted column"
     assert data["content"]["encoding"]["color"]["field"] == "variant"
+    assert {v["seed"] for v in values} == {"0", "1"} and data["content"]["encoding"]["detail"]["field"] == "seed"
     assert data["content"]["encoding"]["y"]["title"].startswith("training loss")
 
 

@@ -91,6 +91,7 @@ def tree(tmp_path_factory):
     results = root / "results/experiments/toy"
     results.mkdir(parents=True)
     (results / "metrics.json").write_text(json.dumps({v: aggregate({0: m}) for v, m in METRICS.items()}))
+    (results / "seeds.json").write_text(json.dumps({v: {"0": m} for v, m in METRICS.items()}))
     for variant in METRICS:
         write_curve(results / "curves" / variant / "seed0.csv", deq=variant == "deq")
     (root / "out/tune/toy").mkdir(parents=True)

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.reporting.inputs import number
+from pipelines.reporting.inputs import ExperimentData, number
 from pipelines.reporting.tables import DASH, md_table
 
 FLAT_TOL = 0.01
@@ -129,3 +129,18 @@ def convergence_table_md(rows: list[tuple[str, dict]], flat_tol: float = FLAT_TO
         f"runs; steps: mean [min, max] over the runs. {DASH}: not known (fewer than 4 evaluations, no summary).",
     ]
     return md_table(header, body) + "\n\n" + "\n".join(notes)
+
+
+
+def experiment_convergence(data: ExperimentData) -> list[tuple[str, dict]]:
+    """``(variant, summarize(...))`` per variant with metrics: its seeds' validation curves (train stage) and
+    training summaries (seeds.json, evaluate stage)."""
+    rows = []
+    for variant in data.variants():
+        curves = data.seed_curves.get(variant, {})
+        if variant not in data.metrics or not curves:
+            continue
+        summaries = data.seed_metrics.get(variant, {})
+        rows.append((variant, summarize([convergence(*curve.series("val_loss"), summaries.get(seed, {}))
+                                         for seed, curve in sorted(curves.items())])))
+    return rows

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -115,6 +115,7 @@ class ExperimentData:
     seed_curves: dict[str, dict[int, Curve]]  # variant → seed → training curve
     tune: dict[str, Any] | None
     fidelity: dict[str, Any] | None = None  # the fidelity stage's rows per DEQ variant
+    seed_metrics: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # seeds.json: variant → seed → metrics
 
     @property
     def curves(self) -> dict[str, Curve]:
@@ -176,7 +177,11 @@ def read_experiment(artifacts: Artifacts, settings: Settings, name: str) -> Expe
     fidelity = read_json(artifacts.fidelity(name), f"fidelity@{name}")
     if not isinstance(fidelity, dict):
         raise ReportError(f"{artifacts.fidelity(name)} must map DEQ variants to their fidelity rows")
-    return ExperimentData(name, spec, metrics, curves, tune, fidelity)
+    per_seed = read_json(artifacts.seed_metrics(name), f"evaluate@{name}")
+    if not isinstance(per_seed, dict) or not all(isinstance(v, dict) for v in per_seed.values()):
+        raise ReportError(f"{artifacts.seed_metrics(name)} must map variants to {{seed: metrics}} objects")
+    seed_metrics = {v: {int(seed): m for seed, m in by_seed.items()} for v, by_seed in per_seed.items()}
+    return ExperimentData(name, spec, metrics, curves, tune, fidelity, seed_metrics)
 
 
 @dataclass

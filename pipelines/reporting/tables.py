@@ -24,6 +24,10 @@ def loss_label(spec: ExperimentSettings) -> str:
 
 
 
+def density_key(key: str) -> bool:
+    return key == "test_loglik"
+
+
 def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
     """One row per variant (× the experiment's loss): raw values, None where unknown."""
     rows = []
@@ -70,7 +74,9 @@ def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
             "solver_residual_max": residual_max, "solver_source": solver_source, "test_ssm_loss": g("test_ssm_loss"),
             "test_sm_loss": g("test_sm_loss"), "test_loss": g("test_loss"), "fisher_divergence": g("fisher_divergence"),
             "train_steps": g("train_steps"), "train_best_val_loss": g("train_best_val_loss"),
-            "n_seeds": g("n_seeds"),
+            "n_seeds": g("n_seeds"), "true_test_loglik": g("true_test_loglik"),
+            "gap_to_truth": (g("true_test_loglik") - est.value if density_key(main.key) and est.value is not None
+                             and g("true_test_loglik") is not None else None),
         })
     return rows
 
@@ -83,7 +89,8 @@ CSV_COLUMNS = ["experiment", "variant", "kind", "depth", "loss", "status", "main
                "kid_std", "kid_train_vs_test",
                "score_step_peak_mib", "test_bpd", "peak_mib", "peak_bytes", "memory_kind", "step_ms_median", "params", "solver_nstep_mean",
                "solver_final_residual", "solver_residual_max", "solver_source", "test_ssm_loss", "test_sm_loss", "test_loss",
-               "fisher_divergence", "train_steps", "train_best_val_loss", "n_seeds"]
+               "fisher_divergence", "train_steps", "train_best_val_loss", "n_seeds",
+               "true_test_loglik", "gap_to_truth"]
 
 
 
@@ -117,7 +124,8 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
     has = lambda k: any(r[k] is not None for r in rows)  # noqa: E731
     score_mem = has("score_step_peak_mib")
     kid = next((r["kid_metric"] for r in rows if r["kid_metric"]), "") if fd else ""
-    side = [*(["bits/dim"] if density and has("test_bpd") else []), *(["IS effective samples"] if has("test_is_ess") else []),
+    side = [*(["gap to the true log-likelihood"] if density and has("gap_to_truth") else []),
+            *(["bits/dim"] if density and has("test_bpd") else []), *(["IS effective samples"] if has("test_is_ess") else []),
             *(["KDE ELBO (diagnostic, biased up)"] if iw_headline and has("test_elbo") else []),
             *(["train-vs-test FD (floor)"] if fd and has("fd_train_vs_test") else []),
             *([f"{kid} ± std", "train-vs-test KID"] if kid else [])]
@@ -132,7 +140,7 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
                          r["main_unreliable"] or None).cell(spec)
         floor = Estimate(r["fd_train_vs_test"], low=r["fd_train_vs_test_ci_low"],
                          high=r["fd_train_vs_test_ci_high"]).cell(spec)
-        cells = {"bits/dim": fmt(r["test_bpd"], ".3f"), "IS effective samples": fmt(r["test_is_ess"], ",.0f"),
+        cells = {"gap to the true log-likelihood": fmt(r["gap_to_truth"], ".3f"), "bits/dim": fmt(r["test_bpd"], ".3f"), "IS effective samples": fmt(r["test_is_ess"], ",.0f"),
                  "KDE ELBO (diagnostic, biased up)": fmt(r["test_elbo"], ".3f"), "train-vs-test FD (floor)": floor,
                  f"{kid} ± std": Estimate(r["kid"], r["kid_std"]).cell(".4g"),
                  "train-vs-test KID": fmt(r["kid_train_vs_test"], ".4g")}
@@ -149,6 +157,11 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
              f"loss `{loss_label(data.spec)}`. {DASH}: not measured for that variant. Every figure is the mean over "
              "the variant's training seeds (`seeds`: how many; each seed a model trained from its own "
              "initialisation and batch order, evaluated on the same test data)."]
+    if density and has("gap_to_truth"):
+        truth = next(r["true_test_loglik"] for r in rows if r["true_test_loglik"] is not None)
+        notes.append(f"Gap to the true log-likelihood: the data's own density (generated data) scores {truth:.3f} "
+                     "on the same test rows; the gap is that minus the variant's test log-likelihood (0 for a perfect "
+                     "model, in nats).")
     if density and has("test_bpd"):
         notes.append("Bits/dim: of the discrete pixels (the dequantisation bound −log₂ P(x) per pixel, with the pixel "
                      "levels and logit α of the prepared dataset's manifest), the figure the literature reports for "
