@@ -8,7 +8,10 @@ the means on the variant's run. Models that sample (VAE, NCSN) also get a sample
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,15 +47,58 @@ def reliability_tags(metrics: dict[str, Any]) -> dict[str, str]:
             for k, v in metrics.items() if k.endswith("_reliable") and isinstance(v, (int, float))}
 
 
-def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
+@dataclass(frozen=True)
+class EvalJob:
+    """One trained model (a variant's seed) to evaluate; plain data, so it crosses to a worker process."""
+
+    variant: str
+    seed: int
+    path: str
+    data_root: str
+    dataset: str
+    eval_options: dict[str, Any]
+    eval_seed: int  # the evaluation's random draws: the same for every model
+    threads: int | None
+    keep_images: bool  # the variant's sample grid comes from its first seed
+
+    def __str__(self) -> str:
+        return f"{self.variant} seed {self.seed}"
+
+
+@functools.lru_cache(maxsize=1)
+def _eval_data(data_root: str, dataset: str) -> tuple[dict, Any, dict]:
     from deqsm.data import load_split, true_density
+    from deqsm.data import load_splits as load
+
+    splits = load(data_root, dataset)
+    truth = true_density(data_root, dataset)  # generated data: exact score and log p
+    labels = {s: load_split(data_root, dataset, s).y for s in ("train", "test")}
+    return splits, truth, labels
+
+
+def evaluate_seed(job: EvalJob) -> dict[str, Any]:
+    """The test metrics (and samples) of one trained model, with what its file says of its training."""
+    from deqsm.experiments import evaluate_variant
+
+    if job.threads is not None:
+        torch.set_num_threads(job.threads)
+    splits, truth, labels = _eval_data(job.data_root, job.dataset)
+    spec, model, saved = load_model(Path(job.path), splits["train"])
+    torch.manual_seed(job.eval_seed)  # the same evaluation draws for every seed's model
+    metrics, images = evaluate_variant(spec, model, splits, job.eval_options, truth, labels)
+    return {"metrics": metrics, "images": images if job.keep_images else None,
+            **{k: saved.get(k) for k in ("fit", "mlflow_run_id", "mlflow_variant_run_id")}}
+
+
+def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     from deqsm.data.store import read_manifest
-    from deqsm.experiments import evaluate_variant, with_data_facts
+    from deqsm.experiments import with_data_facts
     from deqsm.models import MODELS
     from deqsm.sampling import save_image_grid
     from pipelines.provenance import provenance_tags
     from pipelines.seeds import aggregate
     from pipelines.tracking import Tracker
+    from pipelines.workers import run_jobs, worker_count
 
     mlflow_exp = settings.tracking.experiment_prefix + name
     tracker = Tracker.open(settings.tracking_uri(), [mlflow_exp], settings.tracking.timeout)
@@ -62,12 +108,18 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
         raise FileNotFoundError(f"no trained models in {artifacts.models_dir(name)}: run the train stage first "
                                 f"(dvc repro train@{name})")
     dataset = settings.experiments[name].dataset
-    splits = load_splits(artifacts, dataset)
-    truth = true_density(artifacts.data_root, dataset)  # generated data: exact score and log p
-    labels = {s: load_split(artifacts.data_root, dataset, s).y for s in ("train", "test")}
+    load_splits(artifacts, dataset)  # checked against its manifest here, before any worker starts
     family = MODELS.get(settings.experiments[name].model)
     eval_options = with_data_facts(family, experiment_eval_options(settings, name),
                                    read_manifest(artifacts.data_root, dataset).get("info", {}), dataset)
+    jobs = [EvalJob(variant, seed, str(path), str(artifacts.data_root), dataset, eval_options, settings.base.seed,
+                    settings.base.threads, seed == min(by_seed))
+            for variant, by_seed in files.items() for seed, path in by_seed.items()]
+    workers = worker_count(settings.base.workers, settings.base.threads, len(jobs))
+    print(f"{name}: evaluating {len(jobs)} model(s) ({len(files)} variant(s) x their seeds), {workers} at a time",
+          flush=True)
+    done = dict(((job.variant, job.seed), result) for job, result in
+                run_jobs(evaluate_seed, jobs, workers, settings.train.progress, "evaluate"))
     results: dict[str, dict] = {}
     per_seed: dict[str, dict[str, dict]] = {}
     artifacts.samples_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out, maybe empty
@@ -75,28 +127,26 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     for variant, by_seed in files.items():
         seeds: dict[int, dict] = {}
         variant_run = None
-        for seed, path in by_seed.items():
-            spec, model, saved = load_model(path, splits["train"])
-            torch.manual_seed(settings.base.seed)  # the same evaluation draws for every seed's model
-            metrics, images = evaluate_variant(spec, model, splits, eval_options, truth, labels)
+        for seed in by_seed:
+            result = done[variant, seed]
+            metrics, images = result["metrics"], result["images"]
             # the training run, or a new one when this store does not hold it (deleted, or tracking.uri changed)
-            run_id, new = tracker.run_or_new(saved.get("mlflow_run_id"), mlflow_exp, f"{variant}/seed{seed}-evaluate",
+            run_id, new = tracker.run_or_new(result["mlflow_run_id"], mlflow_exp, f"{variant}/seed{seed}-evaluate",
                                              {**tags, "variant": variant, "seed": str(seed)})
             if new:
-                print(f"{name}/{variant} seed {seed}: training run {saved.get('mlflow_run_id')} is not in "
+                print(f"{name}/{variant} seed {seed}: training run {result['mlflow_run_id']} is not in "
                       f"{settings.tracking_uri()}; logging to a new run {run_id}", flush=True)
             tracker.log_metrics(run_id, mlflow_test_metrics(metrics))
             tracker.set_tags(run_id, reliability_tags(metrics))
             tracker.log_dataset_inputs(run_id, artifacts.data_root, dataset, ("test",))
-            if images is not None and seed == min(by_seed):  # one grid per variant: its first seed's samples
+            if images is not None:  # one grid per variant: its first seed's samples
                 grid = save_image_grid(images, artifacts.sample_grid(name, variant))
                 tracker.log_artifact(run_id, grid, "samples")
             if new:
                 tracker.end_run(run_id, "FINISHED")
-            if variant_run is None and saved.get("mlflow_variant_run_id"):
-                variant_run = saved["mlflow_variant_run_id"]
+            variant_run = variant_run or result["mlflow_variant_run_id"]
             metrics.update({f"train_{k}" if k in ("steps", "best_val_loss", "best_step") else k: v
-                            for k, v in saved["fit"].items()})
+                            for k, v in (result["fit"] or {}).items()})
             seeds[seed] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
             print(f"{name}/{variant} seed {seed}: " + ", ".join(
                 f"{k}={v:.4g}" for k, v in sorted(seeds[seed].items()) if isinstance(v, float) and k.startswith("test")),

@@ -30,6 +30,8 @@ class BaseSettings(Strict):
     out: str = Field("out", description="folder for intermediate outputs (Ray results, checkpoints)")
     results: str = Field("results", description="folder for metrics, tables and figures")
     threads: int | None = Field(1, ge=1, description="torch CPU threads of a stage process (null: torch's default)")
+    workers: int | None = Field(None, ge=1, description="processes the train and evaluate stages run their jobs (a "
+                                "variant and seed each) in (null: as many as the CPUs hold `threads` each)")
 
     @field_validator("device")
     @classmethod
@@ -217,12 +219,9 @@ class PipelineTrainSettings(TrainSettings):
 
     seeds: int = Field(3, ge=1, description="training seeds per variant (base.seed, base.seed + 1, ...): the "
                        "report's standard errors and verdicts are across them")
-    workers: int | None = Field(None, ge=1, description="seeds trained at once, each in its own process "
-                                "(null: the CPUs this process may use, at most the number of trainings)")
-
     def fit_settings(self) -> dict[str, Any]:
         """The keys :class:`deqsm.train.TrainSettings` takes (what a trial or one seed's training reads)."""
-        return self.model_dump(exclude={"seeds", "workers"})
+        return self.model_dump(exclude={"seeds"})
 
     def seed_values(self, base_seed: int) -> list[int]:
         return [base_seed + i for i in range(self.seeds)]

@@ -1,5 +1,5 @@
 """DVC stage `train`: retrain the best configuration of every variant found by `tune`, with the full
-``train.steps``, once per seed (``train.seeds``: base.seed, base.seed + 1, ...; ``train.workers`` of them at once,
+``train.steps``, once per seed (``train.seeds``: base.seed, base.seed + 1, ...; ``base.workers`` of them at once,
 each in its own process), and save each model (``<out>/models/<experiment>/<variant>/seed<s>.pt``) with its
 training curve (``<results>/experiments/<experiment>/curves/<variant>/seed<s>.csv``).
 
@@ -12,15 +12,15 @@ import csv
 import functools
 import io
 import json
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipelines.artifacts import MODEL_SUFFIX, Artifacts, load_splits, prune_seeds, save_model, write_atomic
 from pipelines.settings import Settings, main_guard, run_experiment_stage
 from pipelines.trials import flatten
+from pipelines.workers import run_jobs, worker_count
 
 
 class CurveLogger:
@@ -86,6 +86,9 @@ class SeedJob:
     dataset: str
     threads: int | None
 
+    def __str__(self) -> str:
+        return f"{self.variant} seed {self.seed}"
+
 
 @functools.lru_cache(maxsize=2)
 def _splits(data_root: str, dataset: str) -> dict:
@@ -112,50 +115,6 @@ def train_seed(job: SeedJob) -> dict[str, Any]:
             "history": fit.history, "rows": curve.rows}
 
 
-def worker_count(settings: Settings, jobs: int) -> int:
-    """train.workers, or the CPUs this process may use (each worker runs base.threads threads), at most ``jobs``."""
-    if settings.train.workers is not None:
-        return max(1, min(settings.train.workers, jobs))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus // (settings.base.threads or 1), jobs))
-
-
-def run_jobs(jobs: list[SeedJob], workers: int, progress: bool) -> Iterator[tuple[SeedJob, dict[str, Any]]]:
-    """(job, result) as the trainings finish: in this process for one worker (training's own progress bar),
-    else in ``workers`` spawned processes (a bar over the trainings). A failed training stops the others."""
-    if workers <= 1:
-        for job in jobs:
-            yield job, train_seed(job)
-        return
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from multiprocessing import get_context
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), desc=f"train ({workers} processes)", unit="model", dynamic_ncols=True, leave=False)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
-    try:
-        pending = {pool.submit(train_seed, replace(job, train={**job.train, "progress": False})): job for job in jobs}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in sorted(done, key=lambda f: (pending[f].variant, pending[f].seed)):
-                job = pending.pop(future)
-                try:
-                    result = future.result()
-                except BaseException:
-                    print(f"{job.variant} seed {job.seed}: training failed", flush=True)
-                    raise
-                if bar is not None:
-                    bar.update(1)
-                yield job, result
-    finally:
-        if bar is not None:
-            bar.close()
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def train_experiment(settings: Settings, name: str) -> None:
     from pipelines.provenance import provenance_tags
     from pipelines.seeds import aggregate
@@ -180,7 +139,7 @@ def train_experiment(settings: Settings, name: str) -> None:
         train_cfg = {**cfg["train"], "steps": settings.train.steps, "progress": settings.train.progress}
         jobs += [SeedJob(variant, seed, cfg["spec"], {**train_cfg, "seed": seed}, str(artifacts.data_root), dataset,
                          settings.base.threads) for seed in seeds]
-    workers = worker_count(settings, len(jobs))
+    workers = worker_count(settings.base.workers, settings.base.threads, len(jobs))
     parent = tracker.start_run(mlflow_exp, f"train-{time.strftime('%Y%m%d-%H%M%S')}",
                                {"seeds": ",".join(map(str, seeds)), "workers": workers}, {"stage": "train", **tags})
     variant_runs = {v: tracker.start_run(mlflow_exp, v, flatten({"spec": e["config"]["spec"],
@@ -194,7 +153,9 @@ def train_experiment(settings: Settings, name: str) -> None:
     summaries: dict[str, dict[int, dict]] = {v: {} for v in best}
     curves: dict[tuple[str, int], CurveLogger] = {}
     try:
-        for job, result in run_jobs(jobs, workers, settings.train.progress):
+        no_bar = [replace(job, train={**job.train, "progress": False}) for job in jobs]  # the pool has its own
+        for job, result in run_jobs(train_seed, jobs if workers == 1 else no_bar, workers,
+                                    settings.train.progress, "train"):
             summaries[job.variant][job.seed] = summary = result["summary"]
             run_id = tracker.start_run(mlflow_exp, f"{job.variant}/seed{job.seed}", flatten({"train": job.train}),
                                        {"stage": "train", "variant": job.variant, "seed": str(job.seed), **tags},

@@ -223,7 +223,7 @@ def test_train_and_evaluate_runs_carry_seeds_datasets_models_and_honest_metric_n
     from pipelines.train import train_experiment
     from pipelines.trials import trial_config
 
-    settings = _settings(tmp_path, **{"train.steps": 6, "train.eval_every": 3, "train.seeds": 2, "train.workers": 2})
+    settings = _settings(tmp_path, **{"train.steps": 6, "train.eval_every": 3, "train.seeds": 2, "base.workers": 2})
     prepare_datasets(settings.data, tmp_path, ["mixture"])
     artifacts = Artifacts.of(settings)
     write_json(artifacts.tune_best("dkef-mixture"), {"best": {
@@ -272,8 +272,7 @@ def test_train_and_evaluate_runs_carry_seeds_datasets_models_and_honest_metric_n
     # the same seeds trained in this process (workers 1) give the same weights as in the worker processes
     import torch
 
-    one = settings.model_copy(update={"train": settings.train.model_copy(update={"workers": 1}),
-                                      "base": settings.base.model_copy(update={"out": "out1"})})
+    one = settings.model_copy(update={"base": settings.base.model_copy(update={"out": "out1", "workers": 1})})
     write_json(Artifacts.of(one).tune_best("dkef-mixture"), json.loads(artifacts.tune_best("dkef-mixture").read_text()))
     train_experiment(one, "dkef-mixture")
     for variant in variants:

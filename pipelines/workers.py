@@ -1,0 +1,61 @@
+"""Jobs of a stage (one variant and seed each) run side by side in spawned worker processes.
+
+Each job is plain data and its function a module-level one, so both cross to a worker; results come back to
+the stage's own process, which alone writes the MLflow store and the stage's files. One worker runs the jobs
+in the stage's process (their own progress bars show); more show one bar over the jobs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterator, TypeVar
+
+J = TypeVar("J")
+
+
+def worker_count(workers: int | None, threads: int | None, jobs: int) -> int:
+    """``workers``, or as many as the CPUs this process may use hold ``threads`` each; at most ``jobs``."""
+    if workers is not None:
+        return max(1, min(workers, jobs))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus // (threads or 1), jobs))
+
+
+def run_jobs(fn: Callable[[J], Any], jobs: list[J], workers: int, progress: bool, desc: str
+             ) -> Iterator[tuple[J, Any]]:
+    """``(job, fn(job))`` as the jobs finish: in this process for one worker, else in ``workers`` spawned
+    processes. A failed job stops the others (the pending ones are cancelled) and its error is raised here."""
+    if workers <= 1:
+        for job in jobs:
+            yield job, fn(job)
+        return
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc=f"{desc} ({workers} processes)", unit="job", dynamic_ncols=True, leave=False)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    try:
+        pending = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=pending.get):
+                job = jobs[pending.pop(future)]
+                try:
+                    result = future.result()
+                except BaseException:
+                    print(f"{desc}: {job} failed", flush=True)
+                    raise
+                if bar is not None:
+                    bar.update(1)
+                yield job, result
+    except BaseException:  # a failed job, Ctrl-C or SIGTERM: end the workers now, not after their running jobs
+        for proc in list(getattr(pool, "_processes", {}).values()):  # (3.14 has pool.terminate_workers())
+            proc.terminate()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
