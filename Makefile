@@ -22,11 +22,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job: the whole DVC pipeline (prepare → tune → train → evaluate → report) from params.yaml.
+# PROFILE=profiles/paper-gpu.yaml merges that profile into params.yaml first (python -m pipelines.profile).
 run: setup repro
 
 repro: setup
 	test -d .dvc || dvc init --quiet $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
 	dvc config core.analytics false
+	$(if $(PROFILE),$(PY) -m pipelines.profile "$(PROFILE)")
 	dvc repro
 	@echo "results: results/REPORT.md — browse runs with: make ui"
 

@@ -71,3 +71,21 @@ def test_the_table_shows_the_counts_steps_and_change():
     assert "| lost | unknown | — | — | — | — |" in lines
     notes = [line for line in lines if line.startswith("- ")]
     assert len(notes) == 2 and "1%" in notes[1] and "train.patience" in notes[0]
+
+
+def test_a_best_value_at_the_edge_of_the_search_space_is_flagged():
+    from pipelines.reporting.markdown import at_edge, tuning_md
+    from pipelines.reporting.inputs import ExperimentData
+    from pipelines.settings import ExperimentSettings, SpaceEntry
+
+    grid = SpaceEntry(grid=[1e-3, 3e-3, 1e-2])
+    assert at_edge(grid, 1e-2) == "highest" and at_edge(grid, 1e-3) == "lowest" and at_edge(grid, 3e-3) is None
+    log = SpaceEntry(loguniform=(1e-4, 1e-2))
+    assert at_edge(log, 8e-3) == "highest" and at_edge(log, 1e-3) is None and at_edge(log, 1.2e-4) == "lowest"
+    assert at_edge(SpaceEntry(choice=["adam", "sgd"]), "adam") is None  # not numeric: no edge
+    spec = ExperimentSettings(dataset="d", model="dkef", variants={"deq": {"variant": "deq"}})
+    tune = {"trials": 3, "best": {"deq": {"sample": {"train.lr": 1e-2}, "metrics": {"val_loss": -1.0}}}}
+    md = tuning_md(ExperimentData("e", spec, {}, {}, tune), "val_loss", {"train.lr": grid})
+    assert "`train.lr` at the highest value searched" in md and "widen it" in md
+    tune["best"]["deq"]["sample"]["train.lr"] = 3e-3
+    assert "widen" not in tuning_md(ExperimentData("e", spec, {}, {}, tune), "val_loss", {"train.lr": grid})

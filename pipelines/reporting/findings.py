@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipelines.reporting.convergence import experiment_convergence
 from pipelines.reporting.inputs import MIB, ExperimentData, MemoryBench, number
 from pipelines.reporting.tables import fmt
 from pipelines.reporting.verdicts import compare, estimate
@@ -144,10 +145,13 @@ def caveats(s: Settings, datas: list[ExperimentData], all_rows: dict[str, list[d
                    "of training is not in them, so a verdict says the evaluation separates the two models, not that "
                    "retraining would.")
     for data in datas:
-        steps = sorted({int(r["train_steps"]) for r in all_rows[data.name] if r["train_steps"] is not None})
-        if steps:
-            out.append(f"`{data.name}` variants trained for {', '.join(map(str, steps))} steps (train.steps = "
-                       f"{s.train.steps}); differences may reflect optimisation speed as much as model capacity.")
+        unsettled = [(v, c) for v, c in experiment_convergence(data) if c["verdict"] != "converged"]
+        if unsettled:
+            out.append(f"`{data.name}`: not every variant trained until trained — " + "; ".join(
+                f"`{v}` {c['verdict']} ({c['n_converged']}/{c['n']} seeds stopped on a plateau)" for v, c in unsettled)
+                + f" (step cap train.steps = {s.train.steps}, patience {s.train.patience}, min_delta "
+                f"{s.train.min_delta:g}): a difference to those variants may reflect optimisation speed as much as "
+                "the model. See the convergence table.")
         ess = [number(m.get("test_is_ess")) for m in data.metrics.values()]
         ess = [e for e in ess if e is not None]
         if ess:

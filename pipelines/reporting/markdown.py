@@ -2,23 +2,44 @@
 benchmark and the gradient fidelity, with links to every file (relative to the report's folder)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 from pipelines.artifacts import Artifacts, write_atomic
 from pipelines.reporting.inputs import MEMORY_KINDS, MIB, ExperimentData, MemoryBench
 from pipelines.reporting.tables import DASH, fmt, loss_label, md_table
 from pipelines.reporting.convergence import convergence_table_md, experiment_convergence
-from pipelines.settings import Settings
+from pipelines.settings import Settings, SpaceEntry
 
 
-def tuning_md(data: ExperimentData, metric: str) -> str:
+def at_edge(entry: SpaceEntry, value: Any) -> str | None:
+    """"lowest" / "highest" when ``value`` is at an end of a numeric search dimension (a grid's first or last
+    value; within 10% of a range's width, on a log scale for loguniform), else None: the optimum may lie beyond."""
+    values = [v for v in entry.extremes() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or len(values) < 2:
+        return None
+    low, high = min(values), max(values)
+    if entry.kind in ("grid", "choice"):
+        return "lowest" if value == low else "highest" if value == high else None
+    scale = (lambda v: math.log(v)) if entry.kind == "loguniform" else (lambda v: float(v))  # noqa: E731
+    width = scale(high) - scale(low)
+    return ("lowest" if scale(value) - scale(low) <= 0.1 * width else
+            "highest" if scale(high) - scale(value) <= 0.1 * width else None)
+
+
+def tuning_md(data: ExperimentData, metric: str, space: dict[str, SpaceEntry] | None = None) -> str:
     if data.tune is None:
         return "No tuning summary (`best.json` of the tune stage not found).\n"
     lines = [f"Tune stage: {data.tune.get('trials', DASH)} trials."]
     for variant, entry in sorted((data.tune.get("best") or {}).items()):
         sample = ", ".join(f"`{k}={v}`" for k, v in sorted((entry.get("sample") or {}).items())) or "(no search values)"
         value = (entry.get("metrics") or {}).get(metric)
-        lines.append(f"- `{variant}`: best {metric} {fmt(value, '.4g')} with {sample}")
+        edges = [f"`{k}` at the {edge} value searched" for k, v in sorted((entry.get("sample") or {}).items())
+                 if k in (space or {}) and (edge := at_edge(space[k], v))]
+        lines.append(f"- `{variant}`: best {metric} {fmt(value, '.4g')} with {sample}"
+                     + (f" — {', '.join(edges)}: the optimum may lie outside `tune.search_space`; widen it"
+                        if edges else ""))
     for variant, reasons in sorted((data.tune.get("failed") or {}).items()):
         if reasons:
             shown = reasons if isinstance(reasons, list) else [reasons]
@@ -58,7 +79,7 @@ def write_report(artifacts: Artifacts, s: Settings, params: Path, datas: list[Ex
                f"![training curves]({artifacts.rel(artifacts.figures / f'training_{data.name}.png')})\n",
                f"![solver residual]({artifacts.rel(artifacts.figures / f'residual_{data.name}.png')})\n",
                *sample_grids_md(artifacts, data),
-               "### Tuning\n", tuning_md(data, s.tune.metric)]
+               "### Tuning\n", tuning_md(data, s.tune.metric, s.tune.search_space)]
     explicit, deq = bench.explicit(), bench.deq()
     body = [[f"explicit-{d}", DASH, f"{r['peak_bytes'] / MIB:.3f}", fmt(r.get("step_ms"), ".1f")] for d, r in explicit]
     body += [[f"deq-{b}", str(r["solver_iters"]), f"{r['peak_bytes'] / MIB:.3f}", fmt(r.get("step_ms"), ".1f")]

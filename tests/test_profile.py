@@ -1,0 +1,50 @@
+"""params profiles (pipelines.profile): the paper-scale GPU profile stays valid against the schema, a profile's
+bad key is refused naming it, and nothing is written on an error."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines import ParamsError
+from pipelines.profile import apply_profile, merge
+from pipelines.settings import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_merge_replaces_experiments_and_datasets_and_merges_the_rest():
+    base = {"train": {"steps": 1, "lr": 0.1}, "experiments": {"a": {"x": 1}}, "data": {"root": "r", "datasets": {"d": {}}}}
+    out = merge(base, {"train": {"steps": 5}, "experiments": {"b": {"y": 2}}, "data": {"datasets": {"e": {}}}})
+    assert out == {"train": {"steps": 5, "lr": 0.1}, "experiments": {"b": {"y": 2}},
+                   "data": {"root": "r", "datasets": {"e": {}}}}
+    assert base["train"]["steps"] == 1, "the input is left as it was"
+
+
+def test_the_paper_gpu_profile_is_valid_and_at_the_papers_scale(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    apply_profile(ROOT / "profiles" / "paper-gpu.yaml", params)
+    s = load_params(params)
+    assert s.base.device == "cuda" and s.train.seeds >= 3 and s.eval.is_samples == 10**6
+    assert s.experiments["nice-mnist"].width == 1000 and (s.bench.in_dim, s.bench.width, s.bench.batch) == (784, 1000, 128)
+    assert {"dkef-redwine", "nice-mnist", "vae-mnist", "ncsn-cifar10"} <= set(s.experiments)
+    assert "dkef-mixture" not in s.experiments, "a profile's experiments replace the defaults"
+
+
+def test_a_bad_profile_is_refused_naming_the_key_and_writes_nothing(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    before = params.read_bytes()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"stpes": 10}}))
+    with pytest.raises(ParamsError, match=r"(?s)bad.yaml.*train.stpes: unknown key"):
+        apply_profile(bad, params)
+    assert params.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "params.yaml"]
+    proc = subprocess.run([sys.executable, "-m", "pipelines.profile", str(bad), "--params", str(params)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "train.stpes" in proc.stderr and params.read_bytes() == before
