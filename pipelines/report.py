@@ -1,8 +1,9 @@
 """DVC stage `report`: the paper-style tables, the figures and ``REPORT.md``, from the files the other stages
 wrote (it recomputes nothing). Reads, per experiment of params.yaml (paths: :mod:`pipelines.artifacts`):
 
-- ``<results>/experiments/<experiment>/metrics.json`` (evaluate): ``{variant: {metric: value}}``;
-- ``<results>/experiments/<experiment>/curves/<variant>.csv`` (train): the training curves;
+- ``<results>/experiments/<experiment>/metrics.json`` (evaluate): ``{variant: {<metric>_mean, <metric>_se_seeds,
+  seeds, ...}}``, and ``seeds.json`` beside it (each seed's metrics: the training summaries behind convergence);
+- ``<results>/experiments/<experiment>/curves/<variant>/seed<s>.csv`` (train): the training curves;
 - ``<results>/experiments/<experiment>/fidelity.json`` (fidelity): phantom vs exact gradients of the DEQs;
 - ``<out>/tune/<experiment>/best.json`` (tune; optional): trials, failures, best samples;
 
@@ -10,12 +11,13 @@ and ``<results>/benchmarks/memory_depth.jsonl`` (bench). Writes, under ``--out-d
 ``base.results``; apart from ``<results>/experiments``, which DVC takes as one dependency):
 
 - ``tables/<experiment>.md`` / ``.csv``: one row per variant, headed by the model family's headline metric
-  (test log-likelihood ± standard error, test ELBO, or the Fréchet distance of samples), then peak memory
+  (its mean over seeds ± the standard error across them), then peak memory
   and what it counts, ms per step, parameters, solver steps and residual, ...; ``tables/fidelity.md`` / ``.csv``;
 - ``figures/``: ``memory_depth.png``, ``memory_iters.png``, ``training_<experiment>.png``,
   ``residual_<experiment>.png``, ``fidelity.png``;
 - ``plots/``: the figures' data as CSV for ``dvc plots`` and ``memory_depth.jsonl`` (the benchmark rows used);
-- ``REPORT.md``: all of it, with a "what to conclude / caveats" section computed from the numbers;
+- ``REPORT.md``: all of it, with a "what to conclude / caveats" section computed from the numbers (verdicts:
+  Welch's t on the means over seeds) and a convergence table per experiment;
 
 and logs REPORT.md, the tables and the figures as artifacts of a run named ``report`` (tag ``stage=report``)
 in each experiment's MLflow experiment. A failure to log is an error.
