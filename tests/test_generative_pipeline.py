@@ -110,7 +110,7 @@ def test_report_judges_them_by_the_iw_bound_and_the_fd_interval(project):
     d = ncsn["deq"]
     assert "fd_digits_cnn (lower is better)" in ncsn_table
     assert f"{d['fd_digits_cnn']:.2f} ± {d['fd_digits_cnn_se_seeds']:.2f}" in ncsn_table  # over the seeds
-    assert "train-vs-test FD (floor)" in ncsn_table and "kid_digits_cnn ± std" in ncsn_table
+    assert "train-vs-test FD (floor)" in ncsn_table and "kid_digits_cnn ± se" in ncsn_table  # across the seeds
     assert "test log-lik (nats)" not in vae_table + ncsn_table  # not headed as the density models are
     diff = vae["deq"]["test_iw_loglik"] - vae["explicit"]["test_iw_loglik"]
     assert f"difference {diff:+.3f}" in report

@@ -72,3 +72,30 @@ def test_one_seed_falls_back_to_the_evaluation_error():
     assert d.se_kind == "test_loglik_se" and not d.across_seeds
     line, _ = compare("x", "deq", d, "ex", e, LOGLIK)
     assert "`deq` beats `ex`" in line and "combined se 0.014" in line
+
+
+def test_the_ncsn_table_shows_means_and_errors_over_seeds():
+    """FD and KID: mean ± the se across seeds (not one seed's interval or subset std); the floor keeps its interval."""
+    from pipelines.reporting import tables
+    from pipelines.reporting.inputs import ExperimentData
+    from pipelines.settings import ExperimentSettings
+
+    def seed(fd: float, kid: float) -> dict:
+        return {"fd_digits_cnn": fd, "fd_digits_cnn_ci_low": fd - 3, "fd_digits_cnn_ci_high": fd + 4,
+                "fd_digits_cnn_train_vs_test": 12.0, "fd_digits_cnn_train_vs_test_ci_low": 10.0,
+                "fd_digits_cnn_train_vs_test_ci_high": 15.0, "kid_digits_cnn": kid, "kid_digits_cnn_std": 0.5,
+                "kid_digits_cnn_train_vs_test": 0.001}
+
+    m = {"deq": seed_view(aggregate({0: seed(40.0, 0.2), 1: seed(44.0, 0.3), 2: seed(48.0, 0.4)})),
+         "explicit-2": seed_view(aggregate({0: seed(60.0, 0.5), 1: seed(61.0, 0.5), 2: seed(62.0, 0.5)}))}
+    spec = ExperimentSettings(dataset="d", model="ncsn", variants={"deq": {"variant": "deq"},
+                                                                   "explicit-2": {"variant": "explicit", "depth": 2}})
+    data = ExperimentData("e", spec, m, {}, None)
+    md = tables.experiment_table_md(data, tables.table_rows(data))
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    row = dict(zip(header, [c.strip() for c in lines[1].split("|")[1:-1]]))
+    assert row["seeds"] == "3" and row["fd_digits_cnn (lower is better)"] == f"44.00 ± {4 / math.sqrt(3):.2f}"
+    assert row["kid_digits_cnn ± se"] == f"0.3 ± {0.1 / math.sqrt(3):.4g}"
+    assert row["train-vs-test FD (floor)"] == "12.00 [10.00, 15.00]"
+    assert "`fd_digits_cnn_se_seeds`" in md  # the footnote names the error

@@ -61,6 +61,7 @@ def table_rows(data: ExperimentData) -> list[dict[str, Any]]:
             "fd_train_vs_test_ci_low": g(f"{main.key}_train_vs_test_ci_low"),
             "fd_train_vs_test_ci_high": g(f"{main.key}_train_vs_test_ci_high"),
             "kid_metric": kid or "", "kid": g(kid) if kid else None, "kid_std": g(f"{kid}_std") if kid else None,
+            "kid_se": g(f"{kid}_se_seeds") if kid else None,
             "kid_train_vs_test": g(f"{kid}_train_vs_test") if kid else None,
             "test_is_ess": g("test_is_ess"),
             "score_step_peak_mib": score_peak / MIB if score_peak is not None else None,
@@ -86,7 +87,7 @@ CSV_COLUMNS = ["experiment", "variant", "kind", "depth", "loss", "status", "main
                "main_se_kind", "main_ci_low", "main_ci_high", "main_unreliable",
                "test_loglik", "test_loglik_se", "se_kind", "test_is_ess", "test_elbo", "test_iw_loglik",
                "fd_train_vs_test", "fd_train_vs_test_ci_low", "fd_train_vs_test_ci_high", "kid_metric", "kid",
-               "kid_std", "kid_train_vs_test",
+               "kid_std", "kid_se", "kid_train_vs_test",
                "score_step_peak_mib", "test_bpd", "peak_mib", "peak_bytes", "memory_kind", "step_ms_median", "params", "solver_nstep_mean",
                "solver_final_residual", "solver_residual_max", "solver_source", "test_ssm_loss", "test_sm_loss", "test_loss",
                "fisher_divergence", "train_steps", "train_best_val_loss", "n_seeds",
@@ -124,11 +125,13 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
     has = lambda k: any(r[k] is not None for r in rows)  # noqa: E731
     score_mem = has("score_step_peak_mib")
     kid = next((r["kid_metric"] for r in rows if r["kid_metric"]), "") if fd else ""
+    kid_seeds = has("kid_se")  # ± the standard error across seeds, else one seed's std over subsets
+    kid_col = f"{kid} ± {'se' if kid_seeds else 'std'}"
     side = [*(["gap to the true log-likelihood"] if density and has("gap_to_truth") else []),
             *(["bits/dim"] if density and has("test_bpd") else []), *(["IS effective samples"] if has("test_is_ess") else []),
             *(["KDE ELBO (diagnostic, biased up)"] if iw_headline and has("test_elbo") else []),
             *(["train-vs-test FD (floor)"] if fd and has("fd_train_vs_test") else []),
-            *([f"{kid} ± std", "train-vs-test KID"] if kid else [])]
+            *([kid_col, "train-vs-test KID"] if kid else [])]
     header = ["variant", "loss", "seeds", main.label, *side,
               "peak memory (MiB)", *(["score-net step memory (MiB)"] if score_mem else []), "ms/step", "parameters",
               "solver steps", "final residual", *(["test SSM loss"] if density else []), *(label for _, label in extra),
@@ -142,7 +145,7 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
                          high=r["fd_train_vs_test_ci_high"]).cell(spec)
         cells = {"gap to the true log-likelihood": fmt(r["gap_to_truth"], ".3f"), "bits/dim": fmt(r["test_bpd"], ".3f"), "IS effective samples": fmt(r["test_is_ess"], ",.0f"),
                  "KDE ELBO (diagnostic, biased up)": fmt(r["test_elbo"], ".3f"), "train-vs-test FD (floor)": floor,
-                 f"{kid} ± std": Estimate(r["kid"], r["kid_std"]).cell(".4g"),
+                 kid_col: Estimate(r["kid"], r["kid_se"] if kid_seeds else r["kid_std"]).cell(".4g"),
                  "train-vs-test KID": fmt(r["kid_train_vs_test"], ".4g")}
         mem = fmt(r["peak_mib"], ".3f")
         if len(kinds) > 1 and mem != DASH:
@@ -177,13 +180,15 @@ def experiment_table_md(data: ExperimentData, rows: list[dict[str, Any]]) -> str
     elif fd:
         notes.append(f"`{main.key}`: Fréchet distance between annealed-Langevin samples and the test images "
                      f"(features: {'Inception-v3' if main.key.startswith('fid_') else 'a digits classifier trained on the training split'}; "
-                     "covariances not rescaled); [low, high]: an interval (level `fd_ci_level`, default 90%) for the distance a second, independent set of "
-                     "samples of the same size would score (bootstrap of the samples, test images fixed; "
-                     "`deqsm.metrics.sample_distances`). The train-vs-test FD is the "
-                     "same distance between training and test images at the same sample size: the floor a perfect "
-                     "sampler would score." + (f" {kid}: the kernel inception distance (torchmetrics) on the same "
-                                             "features, unbiased at small sample sizes; ± its standard deviation "
-                                             "over subsets." if kid else ""))
+                     "covariances not rescaled); [low, high]: an interval (level `fd_ci_level`, default 90%) for the "
+                     "distance a second, independent set of samples of the same size would score (bootstrap of the "
+                     "samples, test images fixed; `deqsm.metrics.sample_distances`); with several seeds the FD is their "
+                     "mean ± the standard error across them, and the interval is shown for the floor only. The "
+                     "train-vs-test FD is the same distance between training and test images at the same sample size: "
+                     "the floor a perfect sampler would score." + (
+                         f" {kid}: the kernel inception distance (torchmetrics) on the same features, unbiased at "
+                         "small sample sizes; ± " + ("the standard error across seeds." if kid_seeds else
+                                                    "its standard deviation over subsets.") if kid else ""))
     for r in rows:
         if r["main_unreliable"]:
             notes.append(f"`{r['variant']}` (unreliable): {r['main_unreliable']}; its {main.key} is shown, never ranked.")
