@@ -107,7 +107,9 @@ def experiment_figures(artifacts: Artifacts, data: ExperimentData, deq_tol: floa
             ax.plot(*other.series("val_loss"), "--", color=f"C{i % 10}", lw=0.8, alpha=0.45)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"{loss_label(data.spec)} loss")
-    ax.set_title(f"{data.name}: training curves")
+    n_seeds = max((len(c) for c in data.seed_curves.values()), default=1)
+    ax.set_title(f"{data.name}: training curves" + (f" (first seed; faint: the other {n_seeds - 1} seeds' validation)"
+                                                    if n_seeds > 1 else ""), fontsize=9)
     if train_series or val_series:
         ax.legend(fontsize=7, ncol=2)
     else:
