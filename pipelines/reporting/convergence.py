@@ -4,13 +4,13 @@ The rule (:func:`deqsm.train.fit`): training stops when ``train.patience`` evalu
 validation-loss improvement of more than ``train.min_delta`` (relative to the reference loss), or at the step
 cap ``train.steps``. A run *converged* when the rule fired (its summary's ``converged`` flag). A run that hit the
 cap may still have levelled off: its curve is *flat* when the mean validation loss of the last quarter of the
-evaluations differs from the quarter before it by at most ``flat_tol`` (default 1%), relative to the latter.
+evaluations differs from the quarter before it by at most ``flat_tol`` (default 5%) of the curve's whole range.
 
 Per variant (the runs are its seeds) the verdict is "converged" when every run converged by the rule, "flat at
 the cap" when none did but every run's curve is flat, "not converged" otherwise (a run still moving at the cap,
 or a mix), and "unknown" when nothing is known. The table's columns: the verdict, the runs that converged by the
-rule and those whose curve is flat (k/n), the steps trained (mean [min, max]), and the largest |relative change|
-of the validation loss over the last quarter (%). Pure functions: the caller reads the curves and summaries.
+rule and those whose curve is flat (k/n), the steps trained (mean [min, max]), and the largest |change| of the
+validation loss over the last quarter (% of the curve's range). Pure functions: the caller reads the curves and summaries.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any
 from pipelines.reporting.inputs import ExperimentData, number
 from pipelines.reporting.tables import DASH, md_table
 
-FLAT_TOL = 0.01
+FLAT_TOL = 0.05
 
 
 @dataclass(frozen=True)
@@ -31,18 +31,19 @@ class Convergence:
     converged: bool | None
     steps: float | None
     best_step: float | None
-    final_change: float | None  # (mean last quarter − mean quarter before) / |mean quarter before|
+    final_change: float | None  # (mean last quarter − mean quarter before) / (max − min of the curve)
     flat: bool | None  # |final_change| <= flat_tol; None when final_change is
 
 
 def final_change(val_losses: list[float]) -> float | None:
-    """Relative change of the mean loss from the second-last quarter of the evaluations to the last one."""
+    """The change of the mean loss from the second-last quarter of the evaluations to the last one, as a fraction
+    of the curve's whole range (max − min): scale-free, and not blown up by a loss that crosses zero."""
     q = len(val_losses) // 4
     if q == 0:
         return None
     before = sum(val_losses[-2 * q:-q]) / q
     last = sum(val_losses[-q:]) / q
-    return (last - before) / max(abs(before), 1e-12)
+    return (last - before) / max(max(val_losses) - min(val_losses), 1e-12)
 
 
 def _flag(value: Any) -> bool | None:
@@ -124,8 +125,9 @@ def convergence_table_md(rows: list[tuple[str, dict]], flat_tol: float = FLAT_TO
         "evaluations brought no validation-loss improvement of more than `train.min_delta` (relative), rather than at "
         "the step cap `train.steps`; verdict \"converged\": all of them, \"flat at the cap\": none, but every curve "
         "is flat, \"not converged\": any other mix.",
-        f"- Flat at the end: runs whose mean validation loss over the last quarter of the evaluations is within "
-        f"{100 * flat_tol:g}% of the quarter before; last-quarter change: the largest such |relative change| over the "
+        f"- Flat at the end: runs whose mean validation loss over the last quarter of the evaluations moved from the "
+        f"quarter before by at most {100 * flat_tol:g}% of the curve's whole range (max − min); last-quarter change: "
+        "the largest such |change| (in % of the range) over the "
         f"runs; steps: mean [min, max] over the runs. {DASH}: not known (fewer than 4 evaluations, no summary).",
     ]
     return md_table(header, body) + "\n\n" + "\n".join(notes)
