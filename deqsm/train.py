@@ -7,7 +7,7 @@ pipeline turns into Ray Tune reports and MLflow metrics. What it does:
 - evaluation every ``eval_every`` steps on the validation set, early stopping on its loss, and the
   best weights restored at the end;
 - a convergence rule: training stops when ``patience`` evaluations in a row bring no improvement larger
-  than ``min_delta`` (relative to the best loss so far), or at the step cap ``steps``; ``FitResult.converged``
+  than ``min_delta`` (relative to the last loss that counted), or at the step cap ``steps``; ``FitResult.converged``
   says which (True: the plateau rule fired);
 - per-step metrics: the loss and its terms, the DEQ solver stats (steps, residuals), step time and the
   memory of the step (:mod:`deqsm.metrics.memory`);

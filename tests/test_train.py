@@ -156,7 +156,7 @@ def drift(**kw):
 
 
 def test_min_delta_stops_a_run_whose_improvements_are_too_small():
-    """#conv: with min_delta above the per-evaluation gain (5e-5 relative) no evaluation after the first
+    """With min_delta above the per-evaluation gain (5e-5 relative) no evaluation after the first
     counts, so patience 3 stops training at the 4th evaluation; with min_delta 0 every one counts and training
     runs to the cap. The weights restored are still the lowest loss's (the last evaluation's)."""
     data = gaussian_data(n=64)
