@@ -776,7 +776,7 @@ def test_bad_params_stop_dvc_repro_before_any_work_and_keep_results(projects):
     good = (root / "params.yaml").read_text()
     before, runs_before = _snapshot(root), len(_tracker(root).runs(EXP))
     ray_state = sorted(p.name for p in (root / "out" / "ray" / EXP).iterdir())
-    assert len(before) == 3
+    assert len(before) == 5  # metrics.json and 2 variants x 2 seeds of models
     # the check stage runs first: a bad value, or an experiment naming a dataset `data` does not declare (DVC
     # alone stopped on the missing data/prepared/<name> with "No such file or directory")
     for key, value, expected in [
