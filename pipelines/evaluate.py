@@ -58,7 +58,6 @@ class EvalJob:
     dataset: str
     eval_options: dict[str, Any]
     eval_seed: int  # the evaluation's random draws: the same for every model
-    threads: int | None
     keep_images: bool  # the variant's sample grid comes from its first seed
 
     def __str__(self) -> str:
@@ -80,8 +79,6 @@ def evaluate_seed(job: EvalJob) -> dict[str, Any]:
     """The test metrics (and samples) of one trained model, with what its file says of its training."""
     from deqsm.experiments import evaluate_variant
 
-    if job.threads is not None:
-        torch.set_num_threads(job.threads)
     splits, truth, labels = _eval_data(job.data_root, job.dataset)
     spec, model, saved = load_model(Path(job.path), splits["train"])
     torch.manual_seed(job.eval_seed)  # the same evaluation draws for every seed's model
@@ -113,13 +110,13 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     eval_options = with_data_facts(family, experiment_eval_options(settings, name),
                                    read_manifest(artifacts.data_root, dataset).get("info", {}), dataset)
     jobs = [EvalJob(variant, seed, str(path), str(artifacts.data_root), dataset, eval_options, settings.base.seed,
-                    settings.base.threads, seed == min(by_seed))
+                    seed == min(by_seed))
             for variant, by_seed in files.items() for seed, path in by_seed.items()]
     workers = worker_count(settings.base.workers, settings.base.threads, len(jobs))
     print(f"{name}: evaluating {len(jobs)} model(s) ({len(files)} variant(s) x their seeds), {workers} at a time",
           flush=True)
     done = dict(((job.variant, job.seed), result) for job, result in
-                run_jobs(evaluate_seed, jobs, workers, settings.train.progress, "evaluate"))
+                run_jobs(evaluate_seed, jobs, workers, settings.train.progress, "evaluate", settings.base.threads))
     results: dict[str, dict] = {}
     per_seed: dict[str, dict[str, dict]] = {}
     artifacts.samples_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out, maybe empty

@@ -9,7 +9,6 @@ and under each variant one run per seed (its curve, training figures and logged 
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import time
@@ -20,7 +19,7 @@ from typing import Any
 from pipelines.artifacts import MODEL_SUFFIX, Artifacts, load_splits, prune_seeds, save_model, write_atomic
 from pipelines.settings import Settings, main_guard, run_experiment_stage
 from pipelines.trials import flatten
-from pipelines.workers import run_jobs, worker_count
+from pipelines.workers import cached_splits, run_jobs, worker_count
 
 
 class CurveLogger:
@@ -84,31 +83,19 @@ class SeedJob:
     train: dict[str, Any]
     data_root: str
     dataset: str
-    threads: int | None
 
     def __str__(self) -> str:
         return f"{self.variant} seed {self.seed}"
 
 
-@functools.lru_cache(maxsize=2)
-def _splits(data_root: str, dataset: str) -> dict:
-    from deqsm.data import load_splits
-
-    return load_splits(data_root, dataset)
-
-
 def train_seed(job: SeedJob) -> dict[str, Any]:
     """Train one variant with one seed (in this process or a worker's) and return the weights, the training
     summary, the history of evaluations and the curve's rows."""
-    import torch
-
     from deqsm.experiments import SolverRecorder, VariantSpec, train_model
     from deqsm.train import TrainSettings
 
-    if job.threads is not None:
-        torch.set_num_threads(job.threads)
     curve, solver = CurveLogger(), SolverRecorder()
-    model, fit = train_model(VariantSpec(**job.spec), _splits(job.data_root, job.dataset),
+    model, fit = train_model(VariantSpec(**job.spec), cached_splits(job.data_root, job.dataset),
                              TrainSettings(**job.train), callbacks=[curve, solver])
     summary = {**fit.summary(), **solver.summary(), "params": float(sum(p.numel() for p in model.parameters()))}
     return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "summary": summary,
@@ -137,8 +124,8 @@ def train_experiment(settings: Settings, name: str) -> None:
         cfg = entry["config"]
         # the search's settings with the full budget (not tune.steps) and this stage's progress bar
         train_cfg = {**cfg["train"], "steps": settings.train.steps, "progress": settings.train.progress}
-        jobs += [SeedJob(variant, seed, cfg["spec"], {**train_cfg, "seed": seed}, str(artifacts.data_root), dataset,
-                         settings.base.threads) for seed in seeds]
+        jobs += [SeedJob(variant, seed, cfg["spec"], {**train_cfg, "seed": seed}, str(artifacts.data_root), dataset)
+                 for seed in seeds]
     workers = worker_count(settings.base.workers, settings.base.threads, len(jobs))
     parent = tracker.start_run(mlflow_exp, f"train-{time.strftime('%Y%m%d-%H%M%S')}",
                                {"seeds": ",".join(map(str, seeds)), "workers": workers}, {"stage": "train", **tags})
@@ -155,7 +142,7 @@ def train_experiment(settings: Settings, name: str) -> None:
     try:
         no_bar = [replace(job, train={**job.train, "progress": False}) for job in jobs]  # the pool has its own
         for job, result in run_jobs(train_seed, jobs if workers == 1 else no_bar, workers,
-                                    settings.train.progress, "train"):
+                                    settings.train.progress, "train", settings.base.threads):
             summaries[job.variant][job.seed] = summary = result["summary"]
             run_id = tracker.start_run(mlflow_exp, f"{job.variant}/seed{job.seed}", flatten({"train": job.train}),
                                        {"stage": "train", "variant": job.variant, "seed": str(job.seed), **tags},

@@ -6,6 +6,7 @@ in the stage's process (their own progress bars show); more show one bar over th
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -20,10 +21,26 @@ def worker_count(workers: int | None, threads: int | None, jobs: int) -> int:
     return max(1, min(cpus // (threads or 1), jobs))
 
 
-def run_jobs(fn: Callable[[J], Any], jobs: list[J], workers: int, progress: bool, desc: str
-             ) -> Iterator[tuple[J, Any]]:
+@functools.lru_cache(maxsize=2)
+def cached_splits(data_root: str, dataset: str) -> dict:
+    """A prepared dataset's splits, read once per process (a worker runs several jobs on the same data)."""
+    from deqsm.data import load_splits
+
+    return load_splits(data_root, dataset)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def run_jobs(fn: Callable[[J], Any], jobs: list[J], workers: int, progress: bool, desc: str,
+             threads: int | None = None) -> Iterator[tuple[J, Any]]:
     """``(job, fn(job))`` as the jobs finish: in this process for one worker, else in ``workers`` spawned
-    processes. A failed job stops the others (the pending ones are cancelled) and its error is raised here."""
+    processes, each with ``threads`` torch threads (base.threads; this process has them set already). A failed
+    job stops the others (the pending ones are cancelled) and its error is raised here."""
     if workers <= 1:
         for job in jobs:
             yield job, fn(job)
@@ -36,7 +53,8 @@ def run_jobs(fn: Callable[[J], Any], jobs: list[J], workers: int, progress: bool
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc=f"{desc} ({workers} processes)", unit="job", dynamic_ncols=True, leave=False)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_set_threads,
+                               initargs=(threads,))
     try:
         pending = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
         while pending:

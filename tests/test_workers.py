@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.workers import run_jobs, worker_count
-from worker_jobs import sleep_or_fail, square
+from worker_jobs import sleep_or_fail, square, torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,12 @@ def test_every_job_comes_back_from_two_processes():
     assert os.getpid() not in pids and 1 <= len(pids) <= 2
     inline = dict(run_jobs(square, [1, 2], workers=1, progress=False, desc="t"))
     assert {v[1] for v in inline.values()} == {os.getpid()}
+
+
+def test_workers_run_with_base_threads():
+    """Each worker gets base.threads torch threads (a spawned process would otherwise take one per core)."""
+    assert {n for _, n in run_jobs(torch_threads, [0, 1, 2], workers=2, progress=False, desc="t", threads=1)} == {1}
+    assert {n for _, n in run_jobs(torch_threads, [0, 1], workers=2, progress=False, desc="t", threads=3)} == {3}
 
 
 def test_a_failed_job_raises_here_and_ends_the_other_worker(tmp_path):

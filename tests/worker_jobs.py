@@ -19,3 +19,9 @@ def sleep_or_fail(job: tuple[str, str]) -> str:
     (Path(folder) / str(os.getpid())).write_text("")
     time.sleep(60)
     return "slept"
+
+
+def torch_threads(_: int) -> int:
+    import torch
+
+    return torch.get_num_threads()
