@@ -32,7 +32,8 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # noqa: E402
+from ray.tune.search.basic_variant import BasicVariantGenerator  # noqa: E402
 
 from pipelines.settings import Settings, SpaceEntry  # noqa: E402
 from pipelines.trials import apply_sample, flatten  # noqa: E402
@@ -64,11 +65,20 @@ class _NotReportedYet(logging.Filter):
 logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_NotReportedYet())
 
 
-def to_tune_domain(entry: SpaceEntry):
+def middle_out(values: list) -> list:
+    """Grid values from the middle outwards (indices 3, 4, 2, 5, 1, 6, 0, 7 of eight): ASHA judges a trial against
+    those that reached its rung before it, so the likely-good middle runs first and the extremes meet it there.
+    In the grid's own order (say, learning rates ascending) each trial tends to beat the one before and none stops."""
+    mid = (len(values) - 1) // 2
+    order = sorted(range(len(values)), key=lambda i: (abs(i - mid - 0.5), i))
+    return [values[i] for i in order]
+
+
+def to_tune_domain(entry: SpaceEntry, asha: bool = False):
     kind = entry.kind
     value = getattr(entry, kind)
     if kind == "grid":
-        return tune.grid_search(list(value))
+        return tune.grid_search(middle_out(list(value)) if asha else list(value))
     if kind == "choice":
         return tune.choice(list(value))
     if kind == "uniform":
@@ -158,6 +168,63 @@ def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: di
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
+class VariantASHA(FIFOScheduler):
+    """ASHA (asynchronous successive halving) run separately within each model variant of a search.
+
+    One search trains every variant (``config["variant_name"]``), and their validation losses live on different
+    scales (a DKEF DEQ reaches −12 where a deeper explicit net sits at −0.3): a single ASHA compares every
+    trial at a rung with all the others and would stop a whole variant's trials. Here each variant has its own
+    :class:`ASHAScheduler` (the same ``max_t``, ``grace_period``, ``reduction_factor``), so a trial races only
+    its own variant's trials and each variant keeps its best. Trials start in FIFO order (Ray's default).
+
+    ``last_stop``: the last iteration at which a trial may be stopped (None: any). A trial's last evaluation is
+    followed by its summary (steps, time per step, memory, solver statistics): stopping it there saves nothing
+    and would lose the summary, so the search passes its second-last evaluation."""
+
+    def __init__(self, *, max_t: int, grace_period: int, reduction_factor: float,
+                 time_attr: str = "training_iteration", last_stop: int | None = None) -> None:
+        super().__init__()
+        if not 1 <= grace_period <= max_t:
+            raise ValueError(f"grace_period must lie in [1, max_t = {max_t}], got {grace_period}")
+        self._options = {"time_attr": time_attr, "max_t": max_t, "grace_period": grace_period,
+                         "reduction_factor": reduction_factor}
+        self._last_stop = last_stop
+        self._mode: str | None = None
+        self._by_variant: dict[str, ASHAScheduler] = {}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        if (self._metric and metric) or (self._mode and mode):
+            return False
+        self._metric, self._mode = metric or self._metric, mode or self._mode
+        return True
+
+    def variant_scheduler(self, variant: str) -> ASHAScheduler:
+        """The ASHA instance that judges ``variant``'s trials (made on first use)."""
+        if variant not in self._by_variant:
+            self._by_variant[variant] = ASHAScheduler(metric=self._metric, mode=self._mode, **self._options)
+        return self._by_variant[variant]
+
+    def _of(self, trial) -> ASHAScheduler:
+        return self.variant_scheduler(trial.config["variant_name"])
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = self._of(trial).on_trial_result(tune_controller, trial, result)  # records it at its rung
+        late = self._last_stop is not None and result.get(self._options["time_attr"], 0) > self._last_stop
+        return TrialScheduler.CONTINUE if late else decision
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{v}: {s.debug_string()}" for v, s in sorted(self._by_variant.items())) or "VariantASHA"
+
+
 class MlflowTrialLogger(tune.Callback):
     """Driver-side: one MLflow run per trial, nested under ``parent_run_id``."""
 
@@ -217,8 +284,12 @@ class MlflowTrialLogger(tune.Callback):
               + (f", val_loss={metric:.4g}" if isinstance(metric, float) else ""), flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        stopped = "final" not in last and "step" in last  # ASHA ended it at a rung, before its summary
+        if stopped:
+            self.tracker.set_tags(self._run_id(trial), {"stopped_early": f"asha at step {last['step']}"})
         self.tracker.end_run(self._run_id(trial), "FINISHED")
-        self._progress(trials, trial, "finished")
+        self._progress(trials, trial, f"stopped early by ASHA at step {last['step']}" if stopped else "finished")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         reason = _error_text(trial)
@@ -273,6 +344,7 @@ def reproducible_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 class SearchOutcome:
     best: dict[str, dict]        # variant → {"config": trial config, "metrics": last result}
     failed: dict[str, list[str]]  # variant → failure reasons
+    results: list[dict]           # every finished trial: variant, sample, the metric, steps, stopped early or not
     n_trials: int
     parent_run_id: str            # the MLflow run the trials are nested under (a resumed search keeps its first)
 
@@ -283,20 +355,24 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
     ts = settings.tune
     param_space: dict[str, Any] = {"variant_name": tune.grid_search(sorted(base_configs))}
     for key, entry in ts.search_space.items():
-        param_space[_key(key)] = to_tune_domain(entry)
+        param_space[_key(key)] = to_tune_domain(entry, asha=ts.scheduler == "asha")
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base_configs=base_configs, splits=splits,
                              trial_root=str((storage / experiment).resolve())),
         {"cpu": ts.cpus_per_trial, "gpu": ts.gpus_per_trial})
     n_evals = max(1, base_configs[next(iter(base_configs))]["train"]["steps"]
                   // base_configs[next(iter(base_configs))]["train"]["eval_every"])
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=n_evals + 1, grace_period=1)
+    # A trial reports at each evaluation and once at its end: n_evals + 1 results; ASHA's rungs count them. It runs
+    # to its end from its last evaluation (stopping it there would only lose its summary report).
+    scheduler = (VariantASHA(max_t=n_evals + 1, grace_period=min(ts.grace_period, n_evals + 1),
+                             reduction_factor=ts.reduction_factor, last_stop=n_evals - 1)
                  if ts.scheduler == "asha" else FIFOScheduler())
     storage.mkdir(parents=True, exist_ok=True)
     name = experiment
     run_dir = storage / name
     fingerprint = hashlib.sha256(json.dumps([base_configs, {k: v.model_dump() for k, v in ts.search_space.items()},
-                                             ts.num_samples, ts.scheduler, _digest(splits)], sort_keys=True, default=str)
+                                             ts.num_samples, ts.scheduler, ts.grace_period, ts.reduction_factor,
+                                             settings.base.seed, _digest(splits)], sort_keys=True, default=str)
                                  .encode()).hexdigest()
     # The marker exists only while a search is unfinished (removed below once tuner.fit has run to the end).
     marker = storage / f"{name}.fingerprint"
@@ -321,8 +397,15 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
+            # Sampled dimensions (uniform, loguniform, ...) are drawn from base.seed: the same params draw the
+            # same configurations, so an unchanged search selects the same best (and best.json, which DVC hashes).
             tune_config=tune.TuneConfig(metric=ts.metric, mode=ts.mode, num_samples=ts.num_samples,
-                                        scheduler=scheduler, max_concurrent_trials=ts.max_concurrent),
+                                        scheduler=scheduler,  # the generator limits concurrency itself
+                                        # a finished trial's worker process runs the next trial: no new
+                                        # process (and torch import) per trial, seconds each on 2 cores
+                                        reuse_actors=True,
+                                        search_alg=BasicVariantGenerator(max_concurrent=ts.max_concurrent,
+                                                                         random_state=settings.base.seed)),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(storage.resolve()), callbacks=[callback],
                 failure_config=tune.FailureConfig(max_failures=ts.max_failures),
@@ -345,6 +428,7 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
     marker.unlink(missing_ok=True)  # finished: a later run (changed code or data) starts a new search
     best: dict[str, dict] = {}
     failed: dict[str, list[str]] = {}
+    results: list[dict] = []
     for result in grid:
         variant = result.config["variant_name"]
         if result.error is not None or not result.metrics or ts.metric not in result.metrics:
@@ -352,11 +436,15 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
                                                   else f"no {ts.metric} reported")
             continue
         value = result.metrics[ts.metric]
+        sample = {k.replace("__", "."): v for k, v in result.config.items() if k != "variant_name"}
+        # A trial that ran to its end reports a summary (final = 1); one ASHA stopped ends on an evaluation's report.
+        results.append({"variant": variant, "sample": sample, ts.metric: value, "step": result.metrics.get("step"),
+                        "stopped_early": "final" not in result.metrics})
         prev = best.get(variant)
         better = prev is None or (value < prev["metrics"][ts.metric] if ts.mode == "min"
                                   else value > prev["metrics"][ts.metric])
         if better:
-            sample = {k.replace("__", "."): v for k, v in result.config.items() if k != "variant_name"}
             best[variant] = {"config": apply_sample(base_configs[variant], sample), "sample": sample,
                              "metrics": reproducible_metrics(result.metrics)}
-    return SearchOutcome(best, failed, len(grid), trials_parent)
+    results.sort(key=lambda r: (r["variant"], json.dumps(r["sample"], sort_keys=True, default=str)))
+    return SearchOutcome(best, failed, results, len(grid), trials_parent)

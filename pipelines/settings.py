@@ -123,6 +123,9 @@ class TuneSettings(Strict):
         default_factory=dict, description="dotted key (deq.*, train.*, loss.options.*, model_options.*) → dimension")
     num_samples: int = Field(1, ge=1)
     scheduler: Literal["fifo", "asha"] = "fifo"
+    grace_period: int = Field(1, ge=1, description="asha: evaluations every trial gets before it can be stopped")
+    reduction_factor: float = Field(3.0, gt=1, description="asha: about 1 in this many trials of a variant goes "
+                                    "on from each rung (evaluations grace_period × factor^k)")
     metric: str = Field("val_loss", description="a metric every trial reports: val_loss (the best validation "
                         "loss), val_<term>, train_<term>, step_ms_median, peak_bytes or params")
     mode: Literal["min", "max"] = "min"
