@@ -14,7 +14,7 @@ and ``<results>/benchmarks/memory_depth.jsonl`` (bench). Writes, under ``--out-d
   (its mean over seeds ± the standard error across them), then peak memory
   and what it counts, ms per step, parameters, solver steps and residual, ...; ``tables/fidelity.md`` / ``.csv``;
 - ``figures/``: ``memory_depth.png``, ``memory_iters.png``, ``training_<experiment>.png``,
-  ``residual_<experiment>.png``, ``fidelity.png``;
+  ``residual_<experiment>.png``, ``tuning_<experiment>.png`` (tune trials: metric vs searched values), ``fidelity.png``;
 - ``plots/``: the figures' data as CSV for ``dvc plots`` and ``memory_depth.jsonl`` (the benchmark rows used);
 - ``REPORT.md``: all of it, with a "what to conclude / caveats" section computed from the numbers (verdicts:
   Welch's t on the means over seeds) and a convergence table per experiment;
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.artifacts import Artifacts
-from pipelines.reporting.figures import experiment_figures, fidelity_figure, memory_figures
+from pipelines.reporting.figures import experiment_figures, fidelity_figure, memory_figures, tuning_figure
 from pipelines.reporting.findings import caveats, experiment_findings, fidelity_findings, memory_findings
 from pipelines.reporting.inputs import ExperimentData, ReportError, read_experiment, read_memory_bench
 from pipelines.reporting.markdown import sample_grids, write_report
@@ -149,6 +149,9 @@ def run_report(settings: Settings, params: Path, root: Path | None = None, memor
     figures = {"memory": memory_figures(artifacts, bench)}
     for data in datas:
         figures[data.name] = experiment_figures(artifacts, data, settings.deq.tol)
+        log_keys = {k for k, e in settings.tune.search_space.items() if e.kind == "loguniform"}
+        if (tuning := tuning_figure(artifacts, data, settings.tune.metric, log_keys)) is not None:
+            figures[data.name].append(tuning)
     figures["fidelity"] = [fidelity_figure(artifacts, fidelity)]
 
     bench_lines, bench_numbers = memory_findings(bench)

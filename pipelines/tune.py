@@ -1,7 +1,7 @@
 """DVC stage `tune`: a Ray Tune search per experiment of params.yaml; every trial logged to MLflow.
 
-Writes ``<out>/tune/<experiment>/best.json`` (the best configuration and metrics per model variant), which
-the `train` stage retrains. A failed trial (NaN loss, diverging solver, crash after its retries) is
+Writes ``<out>/tune/<experiment>/best.json`` (the best configuration and metrics per model variant, which
+the `train` stage retrains, and every finished trial's sample and metric, which the report plots). A failed trial (NaN loss, diverging solver, crash after its retries) is
 reported and logged FAILED to MLflow while the others go on; the stage exits non-zero, with a summary,
 only when an experiment has no finished trial at all.
 """
@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
                                        {"tune.num_samples": settings.tune.num_samples,
                                         "tune.scheduler": settings.tune.scheduler,
                                         "tune.steps": settings.tune.steps,
+                                        **({"tune.grace_period": settings.tune.grace_period,
+                                            "tune.reduction_factor": settings.tune.reduction_factor}
+                                           if settings.tune.scheduler == "asha" else {}),
                                         **{f"tune.search_space.{k}": v.model_dump(exclude_none=True)
                                            for k, v in settings.tune.search_space.items()}},
                                        {"stage": "tune", **provenance_tags(settings, "pipelines.tune")})
@@ -131,8 +134,10 @@ def main(argv: list[str] | None = None) -> None:
                       f"(tune.allow_missing_variants) — {reason}", file=sys.stderr)
             # Only what the search decided: no run ids, dates or timings, so an unchanged search rewrites the
             # same bytes and DVC leaves the stages after it alone (the MLflow parent run holds the rest).
+            # results: every finished trial's sample and metric (the report plots the metric against the sample)
             write_json(artifacts.tune_best(name), {"experiment": name, "trials": outcome.n_trials,
-                                                   "failed": outcome.failed, "best": outcome.best})
+                                                   "failed": outcome.failed, "best": outcome.best,
+                                                   "results": outcome.results})
             print(f"{name}: {outcome.n_trials} trials, best per variant: "
                   + ", ".join(f"{v}={b['metrics'].get(settings.tune.metric):.4g}" for v, b in sorted(outcome.best.items())),
                   flush=True)

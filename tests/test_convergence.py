@@ -96,3 +96,35 @@ def test_a_best_value_at_the_edge_of_the_search_space_is_flagged():
     assert "`train.lr` at the highest value searched" in md and "widen it" in md
     tune["best"]["deq"]["sample"]["train.lr"] = 3e-3
     assert "widen" not in tuning_md(ExperimentData("e", spec, {}, {}, tune), "val_loss", {"train.lr": grid})
+
+
+def test_the_tune_trials_figure_and_the_count_of_trials_asha_stopped(tmp_path):
+    """best.json's per-trial results: the tuning section counts the trials ASHA stopped, and the figure plots the
+    metric against each numeric searched value (none: no figure)."""
+    from PIL import Image
+
+    from pipelines.artifacts import Artifacts
+    from pipelines.reporting.figures import tuning_figure
+    from pipelines.reporting.inputs import ExperimentData
+    from pipelines.reporting.markdown import tuning_md
+    from pipelines.settings import ExperimentSettings, SpaceEntry
+
+    spec = ExperimentSettings(dataset="d", model="dkef", variants={"deq": {"variant": "deq"},
+                                                                   "explicit-2": {"variant": "explicit", "depth": 2}})
+    results = [{"variant": v, "sample": {"train.lr": lr}, "val_loss": loss, "step": 50 if stopped else 150,
+                "stopped_early": stopped}
+               for v, lr, loss, stopped in [("deq", 1e-4, -1.0, True), ("deq", 3e-3, -12.0, False),
+                                            ("explicit-2", 1e-3, -0.3, False), ("explicit-2", 5e-2, 7475.0, True)]]
+    tune = {"trials": 4, "results": results,
+            "best": {"deq": {"sample": {"train.lr": 3e-3}, "metrics": {"val_loss": -12.0}},
+                     "explicit-2": {"sample": {"train.lr": 1e-3}, "metrics": {"val_loss": -0.3}}}}
+    data = ExperimentData("e", spec, {}, {}, tune)
+    md = tuning_md(data, "val_loss", {"train.lr": SpaceEntry(loguniform=(1e-5, 1e-1))})
+    assert md.startswith("Tune stage: 4 trials, 2 of them stopped early by ASHA") and "widen" not in md
+
+    artifacts = Artifacts(tmp_path, tmp_path / "out", tmp_path / "results", tmp_path / "data", tmp_path / "results")
+    path = tuning_figure(artifacts, data, "val_loss", {"train.lr"})
+    assert path == artifacts.figures / "tuning_e.png" and Image.open(path).size[0] > 300
+    for r in results:
+        r["sample"] = {"train.optimizer": "adam"}  # nothing numeric searched: nothing to plot
+    assert tuning_figure(artifacts, data, "val_loss", set()) is None

@@ -1,6 +1,7 @@
 """The report's figures (PNG, matplotlib's Agg backend) and their data as CSV for ``dvc plots``: memory vs
 depth and vs solver iterations (bench stage), training curves and solver residuals per experiment (train
-stage), phantom-vs-exact gradient fidelity (fidelity stage)."""
+stage), the tune trials' metric against the searched values (tune stage), phantom-vs-exact gradient fidelity
+(fidelity stage)."""
 from __future__ import annotations
 
 import json
@@ -144,6 +145,43 @@ def experiment_figures(artifacts: Artifacts, data: ExperimentData, deq_tol: floa
     paths.append(_save(fig, artifacts.figures / f"residual_{data.name}.png"))
     wide_csv(artifacts.plots / f"{data.name}_residual.csv", "step", res_series)
     return paths
+
+
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def tuning_figure(artifacts: Artifacts, data: ExperimentData, metric: str, log_keys: set[str]) -> Path | None:
+    """The tune stage's trials (``best.json``'s ``results``): ``metric`` against each numeric search dimension,
+    one colour per variant, hollow markers for trials ASHA stopped early, a star on each variant's best. A log
+    x axis for ``log_keys`` (log-uniform dimensions). None when the search recorded no numeric dimension."""
+    results = [r for r in (data.tune or {}).get("results") or [] if _numeric(r.get(metric))]
+    keys = sorted({k for r in results for k, v in (r.get("sample") or {}).items() if _numeric(v)})
+    if not keys:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), 4.2), squeeze=False)
+    best = (data.tune or {}).get("best") or {}
+    for ax, key in zip(axes[0], keys):
+        for i, variant in enumerate(sorted({r["variant"] for r in results})):
+            rows = [r for r in results if r["variant"] == variant and _numeric(r["sample"].get(key))]
+            for stopped in (False, True):
+                pts = [(r["sample"][key], r[metric]) for r in rows if bool(r.get("stopped_early")) == stopped]
+                if pts:
+                    ax.scatter(*zip(*pts), s=28, color=f"C{i % 10}", facecolors="none" if stopped else f"C{i % 10}",
+                               label=f"{variant}" + (" (stopped early)" if stopped else ""))
+            chosen = (best.get(variant) or {}).get("sample", {}).get(key)
+            value = ((best.get(variant) or {}).get("metrics") or {}).get(metric)
+            if _numeric(chosen) and _numeric(value):
+                ax.scatter([chosen], [value], marker="*", s=160, color=f"C{i % 10}", edgecolors="black", zorder=3)
+        if key in log_keys:
+            ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=1.0)  # a diverged trial's loss can be 1000x the others'
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{data.name}: tune trials (star: each variant's best; hollow: stopped early by ASHA)", fontsize=9)
+    return _save(fig, artifacts.figures / f"tuning_{data.name}.png")
 
 
 def fidelity_figure(artifacts: Artifacts, fidelity: dict[str, dict]) -> Path:

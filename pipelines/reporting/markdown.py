@@ -31,7 +31,11 @@ def at_edge(entry: SpaceEntry, value: Any) -> str | None:
 def tuning_md(data: ExperimentData, metric: str, space: dict[str, SpaceEntry] | None = None) -> str:
     if data.tune is None:
         return "No tuning summary (`best.json` of the tune stage not found).\n"
-    lines = [f"Tune stage: {data.tune.get('trials', DASH)} trials."]
+    results = data.tune.get("results") or []
+    stopped = [r for r in results if r.get("stopped_early")]
+    lines = [f"Tune stage: {data.tune.get('trials', DASH)} trials"
+             + (f", {len(stopped)} of them stopped early by ASHA (each compared with its own variant's trials only)"
+                if stopped else "") + "."]
     for variant, entry in sorted((data.tune.get("best") or {}).items()):
         sample = ", ".join(f"`{k}={v}`" for k, v in sorted((entry.get("sample") or {}).items())) or "(no search values)"
         value = (entry.get("metrics") or {}).get(metric)
@@ -79,7 +83,9 @@ def write_report(artifacts: Artifacts, s: Settings, params: Path, datas: list[Ex
                f"![training curves]({artifacts.rel(artifacts.figures / f'training_{data.name}.png')})\n",
                f"![solver residual]({artifacts.rel(artifacts.figures / f'residual_{data.name}.png')})\n",
                *sample_grids_md(artifacts, data),
-               "### Tuning\n", tuning_md(data, s.tune.metric, s.tune.search_space)]
+               "### Tuning\n", tuning_md(data, s.tune.metric, s.tune.search_space),
+               *([f"![tune trials]({artifacts.rel(tuning)})\n"]
+                 if (tuning := artifacts.figures / f"tuning_{data.name}.png") in figures.get(data.name, []) else [])]
     explicit, deq = bench.explicit(), bench.deq()
     body = [[f"explicit-{d}", DASH, f"{r['peak_bytes'] / MIB:.3f}", fmt(r.get("step_ms"), ".1f")] for d, r in explicit]
     body += [[f"deq-{b}", str(r["solver_iters"]), f"{r['peak_bytes'] / MIB:.3f}", fmt(r.get("step_ms"), ".1f")]
