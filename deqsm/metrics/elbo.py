@@ -58,13 +58,15 @@ DEFAULT_FACTORS = tuple(float(c) for c in torch.logspace(math.log10(0.05), math.
 
 def kde_log_density(points: Tensor, centres: Tensor, bandwidth: Tensor) -> Tensor:
     """log q̂(points) for the Gaussian KDE with ``centres`` (B, M, d) and per-dimension ``bandwidth`` (B, d):
-    points (B, N, d) → (B, N)."""
+    points (B, N, d) → (B, N), computed and returned in float64."""
     if points.dim() != 3 or centres.dim() != 3 or points.shape[::2] != centres.shape[::2]:
         raise ValueError(f"points (B, N, d) and centres (B, M, d) must agree in B and d, got "
                          f"{tuple(points.shape)} and {tuple(centres.shape)}")
     if bandwidth.shape != (points.shape[0], points.shape[2]):
         raise ValueError(f"bandwidth must have shape {(points.shape[0], points.shape[2])}, got {tuple(bandwidth.shape)}")
-    sq, log_norm = _scaled_distances(points, centres, bandwidth)
+    # float64: with bandwidths far below the centres' magnitude (a collapsed encoder), float32 distances in
+    # bandwidth units lose thousands of nats to cancellation
+    sq, log_norm = _scaled_distances(points.double(), centres.double(), bandwidth.double())
     return torch.logsumexp(-0.5 * sq, dim=-1) + log_norm
 
 
@@ -72,7 +74,9 @@ def _scaled_distances(points: Tensor, centres: Tensor, bandwidth: Tensor) -> tup
     """The KDE's two parts: squared distances in bandwidth units (B, N, M), and its log-normaliser (B, 1),
     −Σ log h − (d/2) log 2π − log M, so that log q̂ = logsumexp(−sq / 2) + log-normaliser."""
     h = bandwidth.unsqueeze(1)
-    sq = torch.cdist(points / h, centres / h).pow(2)
+    # differences, not |a|² + |b|² − 2ab (cdist's matrix-product mode): points far from the origin in bandwidth
+    # units (a collapsed encoder) lose every digit of a small distance to that cancellation
+    sq = torch.cdist(points / h, centres / h, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
     d, m = points.shape[2], centres.shape[1]
     return sq, -bandwidth.log().sum(-1, keepdim=True) - 0.5 * d * math.log(2 * math.pi) - math.log(m)
 
@@ -92,7 +96,8 @@ def select_bandwidth(centres: Tensor, held_out: Tensor, factors: Sequence[float]
     if not factors or any(not c > 0 for c in factors):
         raise ValueError(f"bandwidth factors must be a non-empty list of positive numbers, got {list(factors)}")
     base = scott_bandwidth(centres)
-    sq, log_norm = _scaled_distances(held_out, centres, base)  # in units of Scott's bandwidth: one cdist for every c
+    # in units of Scott's bandwidth: one cdist for every c (float64, as in kde_log_density)
+    sq, log_norm = _scaled_distances(held_out.double(), centres.double(), base.double())
     d = centres.shape[2]
     # mean log q̂_{c·base}(held_out): the distances scale by 1/c², the normaliser by −d log c
     scores = torch.stack([torch.logsumexp(sq * (-0.5 / c**2), dim=-1).mean(dim=1) - d * math.log(c)
@@ -260,6 +265,13 @@ def fitted_proposal(centres: Tensor, bandwidth: Tensor, defensive_weight: float,
     return DefensiveProposal(kde, GaussianProposal.moment_matched(centres, defensive_scale), defensive_weight)
 
 
+def _model_log_joint(log_likelihood: LogLikelihood, log_prior: LogPrior, x: Tensor, z: Tensor,
+                     dtype: torch.dtype) -> Tensor:
+    """log p(x|z) + log p(z) in float64, the model run on ``z`` in its own ``dtype``."""
+    zm = z.to(dtype)
+    return log_likelihood(x, zm).double() + log_prior(zm).double()
+
+
 @torch.no_grad()
 def estimate_elbo(
     sampler: Sampler,
@@ -328,13 +340,18 @@ def estimate_elbo(
         keep("entropy_knn", knn_entropy(centres, knn_k))
         keep("bandwidth_factor", factor)
         if iw_samples:
-            kde = KDEProposal(centres, bandwidth)
+            # The proposals draw and score in float64; the model scores each draw at its nearest point in its own
+            # dtype (float32). A collapsed encoder's samples (spread ~1e-5 around a mean ~0.05) give bandwidths
+            # ~1e-7, and a float32 KDE then scored its own draws thousands of nats too low (cancellation in the
+            # distances): a diverged VAE's "bound" read +66 nats on binary data, where log p(x) <= 0.
+            c64, h64 = centres.double(), bandwidth.double()
+            kde = KDEProposal(c64, h64)
             zs = kde.sample(iw_samples)
-            keep("elbo_smoothed", (log_likelihood(xb, zs) + log_prior(zs) - kde.log_prob(zs)).mean(dim=1))
-            r = proposal(xb) if proposal is not None else fitted_proposal(centres, bandwidth, defensive_weight,
-                                                                          defensive_scale)
+            keep("elbo_smoothed", (_model_log_joint(log_likelihood, log_prior, xb, zs, centres.dtype)
+                                   - kde.log_prob(zs)).mean(dim=1))
+            r = proposal(xb) if proposal is not None else fitted_proposal(c64, h64, defensive_weight, defensive_scale)
             zq = _check_samples(r.sample(iw_samples), b, iw_samples)
-            log_w = log_likelihood(xb, zq) + log_prior(zq) - r.log_prob(zq)
+            log_w = _model_log_joint(log_likelihood, log_prior, xb, zq, centres.dtype) - r.log_prob(zq).double()
             bound, se = importance_weighted_bound(log_w)
             keep("iw_loglik", bound)
             keep("iw_loglik_mc_se", se)
