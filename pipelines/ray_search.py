@@ -1,7 +1,8 @@
-"""Ray Tune: the search (with :mod:`pipelines.ray_session`, the only modules that call Ray; Ray renames its APIs
-often: two places to mend).
+"""Ray Tune: the search (with :mod:`pipelines.ray_session` and :mod:`pipelines.asha`, the only modules that call
+Ray; Ray renames its APIs often: three places to mend).
 
-- Ray's session (local or a cluster, token auth, reachability) is :mod:`pipelines.ray_session`.
+- Ray's session (local or a cluster, token auth, reachability) is :mod:`pipelines.ray_session`; the per-variant
+  ASHA scheduler and the grid's middle-out order are :mod:`pipelines.asha`.
 - :func:`run_search` runs one pipeline experiment: a grid over its model variants × the search space of
   params.yaml, each trial calling :func:`deqsm.experiments.run`; data reaches trials once, through the
   object store (``tune.with_parameters``); trials checkpoint through Ray's API and a crashed trial is
@@ -32,9 +33,10 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # noqa: E402
+from ray.tune.schedulers import FIFOScheduler  # noqa: E402
 from ray.tune.search.basic_variant import BasicVariantGenerator  # noqa: E402
 
+from pipelines.asha import VariantASHA, middle_out  # noqa: E402
 from pipelines.settings import Settings, SpaceEntry  # noqa: E402
 from pipelines.trials import apply_sample, flatten  # noqa: E402
 from pipelines.provenance import device_label, provenance_tags  # noqa: E402
@@ -63,15 +65,6 @@ class _NotReportedYet(logging.Filter):
 
 
 logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_NotReportedYet())
-
-
-def middle_out(values: list) -> list:
-    """Grid values from the middle outwards (indices 3, 4, 2, 5, 1, 6, 0, 7 of eight): ASHA judges a trial against
-    those that reached its rung before it, so the likely-good middle runs first and the extremes meet it there.
-    In the grid's own order (say, learning rates ascending) each trial tends to beat the one before and none stops."""
-    mid = (len(values) - 1) // 2
-    order = sorted(range(len(values)), key=lambda i: (abs(i - mid - 0.5), i))
-    return [values[i] for i in order]
 
 
 def to_tune_domain(entry: SpaceEntry, asha: bool = False):
@@ -166,63 +159,6 @@ def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: di
                      "node_id": ray.get_runtime_context().get_node_id()})
     finally:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-
-
-class VariantASHA(FIFOScheduler):
-    """ASHA (asynchronous successive halving) run separately within each model variant of a search.
-
-    One search trains every variant (``config["variant_name"]``), and their validation losses live on different
-    scales (a DKEF DEQ reaches −12 where a deeper explicit net sits at −0.3): a single ASHA compares every
-    trial at a rung with all the others and would stop a whole variant's trials. Here each variant has its own
-    :class:`ASHAScheduler` (the same ``max_t``, ``grace_period``, ``reduction_factor``), so a trial races only
-    its own variant's trials and each variant keeps its best. Trials start in FIFO order (Ray's default).
-
-    ``last_stop``: the last iteration at which a trial may be stopped (None: any). A trial's last evaluation is
-    followed by its summary (steps, time per step, memory, solver statistics): stopping it there saves nothing
-    and would lose the summary, so the search passes its second-last evaluation."""
-
-    def __init__(self, *, max_t: int, grace_period: int, reduction_factor: float,
-                 time_attr: str = "training_iteration", last_stop: int | None = None) -> None:
-        super().__init__()
-        if not 1 <= grace_period <= max_t:
-            raise ValueError(f"grace_period must lie in [1, max_t = {max_t}], got {grace_period}")
-        self._options = {"time_attr": time_attr, "max_t": max_t, "grace_period": grace_period,
-                         "reduction_factor": reduction_factor}
-        self._last_stop = last_stop
-        self._mode: str | None = None
-        self._by_variant: dict[str, ASHAScheduler] = {}
-
-    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
-        if (self._metric and metric) or (self._mode and mode):
-            return False
-        self._metric, self._mode = metric or self._metric, mode or self._mode
-        return True
-
-    def variant_scheduler(self, variant: str) -> ASHAScheduler:
-        """The ASHA instance that judges ``variant``'s trials (made on first use)."""
-        if variant not in self._by_variant:
-            self._by_variant[variant] = ASHAScheduler(metric=self._metric, mode=self._mode, **self._options)
-        return self._by_variant[variant]
-
-    def _of(self, trial) -> ASHAScheduler:
-        return self.variant_scheduler(trial.config["variant_name"])
-
-    def on_trial_add(self, tune_controller, trial) -> None:
-        self._of(trial).on_trial_add(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        decision = self._of(trial).on_trial_result(tune_controller, trial, result)  # records it at its rung
-        late = self._last_stop is not None and result.get(self._options["time_attr"], 0) > self._last_stop
-        return TrialScheduler.CONTINUE if late else decision
-
-    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        self._of(trial).on_trial_complete(tune_controller, trial, result)
-
-    def on_trial_remove(self, tune_controller, trial) -> None:
-        self._of(trial).on_trial_remove(tune_controller, trial)
-
-    def debug_string(self) -> str:
-        return "\n".join(f"{v}: {s.debug_string()}" for v, s in sorted(self._by_variant.items())) or "VariantASHA"
 
 
 class MlflowTrialLogger(tune.Callback):

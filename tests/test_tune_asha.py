@@ -1,10 +1,10 @@
-"""ASHA within each model variant (pipelines.ray_search.VariantASHA), and a seeded, reproducible search."""
+"""ASHA within each model variant (pipelines.asha.VariantASHA), and a seeded, reproducible search."""
 from types import SimpleNamespace
 
 import pytest
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from pipelines.ray_search import VariantASHA, middle_out
+from pipelines.asha import VariantASHA, middle_out
 
 # Two variants whose validation losses live on different scales, as DKEF's do (a DEQ near -12, a deep explicit
 # net near -0.3): each list is best first, and each variant's trials report in that order at the first rung.
