@@ -1,9 +1,9 @@
 """DVC stage `tune`: a Ray Tune search per experiment of params.yaml; every trial logged to MLflow.
 
 Writes ``<out>/tune/<experiment>/best.json`` (the best configuration and metrics per model variant, which
-the `train` stage retrains, and every finished trial's sample and metric, which the report plots). A failed trial (NaN loss, diverging solver, crash after its retries) is
-reported and logged FAILED to MLflow while the others go on; the stage exits non-zero, with a summary,
-only when an experiment has no finished trial at all.
+the `train` stage retrains, and every finished trial's sample and metric, which the report plots). A failed
+trial (NaN loss, diverging solver, crash after its retries) is reported and logged FAILED to MLflow while the
+others go on; the stage exits non-zero, with a summary, only when an experiment has no finished trial at all.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """The report's convergence verdicts: the plateau rule's flag, the flatness of a curve's end, and the table."""
+import math
 import pytest
 
 from pipelines.reporting.convergence import Convergence, convergence, convergence_table_md, summarize
@@ -114,13 +115,14 @@ def test_the_tune_trials_figure_and_the_count_of_trials_asha_stopped(tmp_path):
     results = [{"variant": v, "sample": {"train.lr": lr}, "val_loss": loss, "step": 50 if stopped else 150,
                 "stopped_early": stopped}
                for v, lr, loss, stopped in [("deq", 1e-4, -1.0, True), ("deq", 3e-3, -12.0, False),
-                                            ("explicit-2", 1e-3, -0.3, False), ("explicit-2", 5e-2, 7475.0, True)]]
-    tune = {"trials": 4, "results": results,
+                                            ("explicit-2", 1e-3, -0.3, False), ("explicit-2", 5e-2, 7475.0, True),
+                                            ("deq", 1e-1, math.inf, False)]]  # a diverged trial: not plotted
+    tune = {"trials": 5, "results": results,
             "best": {"deq": {"sample": {"train.lr": 3e-3}, "metrics": {"val_loss": -12.0}},
                      "explicit-2": {"sample": {"train.lr": 1e-3}, "metrics": {"val_loss": -0.3}}}}
     data = ExperimentData("e", spec, {}, {}, tune)
     md = tuning_md(data, "val_loss", {"train.lr": SpaceEntry(loguniform=(1e-5, 1e-1))})
-    assert md.startswith("Tune stage: 4 trials, 2 of them stopped early by ASHA") and "widen" not in md
+    assert md.startswith("Tune stage: 5 trials, 2 of them stopped early by ASHA") and "widen" not in md
 
     artifacts = Artifacts(tmp_path, tmp_path / "out", tmp_path / "results", tmp_path / "data", tmp_path / "results")
     path = tuning_figure(artifacts, data, "val_loss", {"train.lr"})

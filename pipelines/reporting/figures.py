@@ -5,6 +5,7 @@ stage), the tune trials' metric against the searched values (tune stage), phanto
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from pipelines.artifacts import Artifacts
@@ -148,7 +149,8 @@ def experiment_figures(artifacts: Artifacts, data: ExperimentData, deq_tol: floa
 
 
 def _numeric(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite number (a diverged trial's inf loss is left out of the plot)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def tuning_figure(artifacts: Artifacts, data: ExperimentData, metric: str, log_keys: set[str]) -> Path | None:
