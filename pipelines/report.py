@@ -149,8 +149,7 @@ def run_report(settings: Settings, params: Path, root: Path | None = None, memor
     figures = {"memory": memory_figures(artifacts, bench)}
     for data in datas:
         figures[data.name] = experiment_figures(artifacts, data, settings.deq.tol)
-        log_keys = {k for k, e in settings.tune.search_space.items() if e.kind == "loguniform"}
-        if (tuning := tuning_figure(artifacts, data, settings.tune.metric, log_keys)) is not None:
+        if (tuning := tuning_figure(artifacts, data, settings.tune.metric)) is not None:
             figures[data.name].append(tuning)
     figures["fidelity"] = [fidelity_figure(artifacts, fidelity)]
 

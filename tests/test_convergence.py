@@ -125,8 +125,8 @@ def test_the_tune_trials_figure_and_the_count_of_trials_asha_stopped(tmp_path):
     assert md.startswith("Tune stage: 5 trials, 2 of them stopped early by ASHA") and "widen" not in md
 
     artifacts = Artifacts(tmp_path, tmp_path / "out", tmp_path / "results", tmp_path / "data", tmp_path / "results")
-    path = tuning_figure(artifacts, data, "val_loss", {"train.lr"})
+    path = tuning_figure(artifacts, data, "val_loss")
     assert path == artifacts.figures / "tuning_e.png" and Image.open(path).size[0] > 300
     for r in results:
         r["sample"] = {"train.optimizer": "adam"}  # nothing numeric searched: nothing to plot
-    assert tuning_figure(artifacts, data, "val_loss", set()) is None
+    assert tuning_figure(artifacts, data, "val_loss") is None

@@ -153,10 +153,11 @@ def _numeric(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def tuning_figure(artifacts: Artifacts, data: ExperimentData, metric: str, log_keys: set[str]) -> Path | None:
+def tuning_figure(artifacts: Artifacts, data: ExperimentData, metric: str) -> Path | None:
     """The tune stage's trials (``best.json``'s ``results``): ``metric`` against each numeric search dimension,
-    one colour per variant, hollow markers for trials ASHA stopped early, a star on each variant's best. A log
-    x axis for ``log_keys`` (log-uniform dimensions). None when the search recorded no numeric dimension."""
+    one colour per variant, hollow markers for trials ASHA stopped early, a star on each variant's best; a log
+    x axis where the values searched are positive and span a decade or more (learning rates). None when the
+    search recorded no numeric dimension."""
     results = [r for r in (data.tune or {}).get("results") or [] if _numeric(r.get(metric))]
     keys = sorted({k for r in results for k, v in (r.get("sample") or {}).items() if _numeric(v)})
     if not keys:
@@ -176,7 +177,8 @@ def tuning_figure(artifacts: Artifacts, data: ExperimentData, metric: str, log_k
             value = ((best.get(variant) or {}).get("metrics") or {}).get(metric)
             if _numeric(chosen) and _numeric(value):
                 ax.scatter([chosen], [value], marker="*", s=160, color=f"C{i % 10}", edgecolors="black", zorder=3)
-        if key in log_keys:
+        xs = [r["sample"][key] for r in results if _numeric(r["sample"].get(key))]
+        if min(xs) > 0 and max(xs) >= 10 * min(xs):
             ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=1.0)  # a diverged trial's loss can be 1000x the others'
         ax.set_xlabel(key)
