@@ -74,7 +74,9 @@ def test_trials_land_on_both_nodes(two_node_cluster, tmp_path):
     from pipelines.tracking import Tracker
     from deqsm.data import load_splits, prepare_datasets
 
+    # fifo: every trial runs to its summary report, which names its node (a trial ASHA stops early has none)
     params = tiny_params(**{"tune.address": two_node_cluster, "tune.cpus_per_trial": 1, "tune.steps": 20,
+                            "tune.scheduler": "fifo",
                             "tune.search_space": {"train.lr": {"grid": [1.0e-3, 2.0e-3, 3.0e-3]}}})
     settings = Settings.model_validate(params)
     settings._root = tmp_path
