@@ -161,6 +161,12 @@ def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: di
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
+def _stopped_early(last_result: dict) -> bool:
+    """Whether a trial's last result is an evaluation's report rather than the summary (``final`` = 1) that a trial
+    run to its end sends: ASHA stopped it at a rung."""
+    return "final" not in last_result and "step" in last_result
+
+
 class MlflowTrialLogger(tune.Callback):
     """Driver-side: one MLflow run per trial, nested under ``parent_run_id``."""
 
@@ -221,7 +227,7 @@ class MlflowTrialLogger(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        stopped = "final" not in last and "step" in last  # ASHA ended it at a rung, before its summary
+        stopped = _stopped_early(last)
         if stopped:
             self.tracker.set_tags(self._run_id(trial), {"stopped_early": f"asha at step {last['step']}"})
         self.tracker.end_run(self._run_id(trial), "FINISHED")
@@ -373,9 +379,8 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
             continue
         value = result.metrics[ts.metric]
         sample = {k.replace("__", "."): v for k, v in result.config.items() if k != "variant_name"}
-        # A trial that ran to its end reports a summary (final = 1); one ASHA stopped ends on an evaluation's report.
         results.append({"variant": variant, "sample": sample, ts.metric: value, "step": result.metrics.get("step"),
-                        "stopped_early": "final" not in result.metrics})
+                        "stopped_early": _stopped_early(result.metrics)})
         prev = best.get(variant)
         better = prev is None or (value < prev["metrics"][ts.metric] if ts.mode == "min"
                                   else value > prev["metrics"][ts.metric])

@@ -5,11 +5,10 @@ stage), the tune trials' metric against the searched values (tune stage), phanto
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from pipelines.artifacts import Artifacts
-from pipelines.reporting.inputs import MIB, ExperimentData, MemoryBench
+from pipelines.reporting.inputs import MIB, ExperimentData, MemoryBench, number
 from pipelines.reporting.tables import loss_label, write_csv
 
 
@@ -150,7 +149,7 @@ def experiment_figures(artifacts: Artifacts, data: ExperimentData, deq_tol: floa
 
 def _numeric(value) -> bool:
     """A finite number (a diverged trial's inf loss is left out of the plot)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return number(value) is not None
 
 
 def tuning_figure(artifacts: Artifacts, data: ExperimentData, metric: str) -> Path | None:
