@@ -1,6 +1,6 @@
-"""DVC stage `train`: retrain the best configuration of every variant found by `tune`, with the full
-``train.steps``, once per seed (``train.seeds``: base.seed, base.seed + 1, ...; ``base.workers`` of them at once,
-each in its own process), and save each model (``<out>/models/<experiment>/<variant>/seed<s>.pt``) with its
+"""DVC stage `train`: retrain the best configuration of every variant found by `tune`, up to its step cap
+(``experiments.<name>.train.steps``, else ``train.steps``), once per seed (``train.seeds``: base.seed,
+base.seed + 1, ...; ``base.workers`` of them at once, each in its own process), and save each model (``<out>/models/<experiment>/<variant>/seed<s>.pt``) with its
 training curve (``<results>/experiments/<experiment>/curves/<variant>/seed<s>.csv``).
 
 MLflow: a run for the stage (stage=train), under it one run per variant (its figures averaged over the seeds),
@@ -19,7 +19,7 @@ from typing import Any
 from pipelines.artifacts import MODEL_SUFFIX, Artifacts, load_splits, prune_seeds, save_model, write_atomic
 from pipelines.settings import Settings, main_guard, run_experiment_stage
 from pipelines.trials import flatten
-from pipelines.workers import cached_splits, run_jobs, worker_count
+from pipelines.workers import cached_splits, run_jobs, start_workers, worker_count
 
 
 class CurveLogger:
@@ -108,6 +108,10 @@ def train_experiment(settings: Settings, name: str) -> None:
     from pipelines.tracking import Tracker
 
     mlflow_exp = settings.tracking.experiment_prefix + name
+    seeds = settings.train.seed_values(settings.base.seed)
+    # the workers start (and import torch) while this process opens the store and reads the search's results
+    start_workers(worker_count(settings.base.workers, settings.base.threads,
+                               len(settings.experiments[name].variants) * len(seeds)), settings.base.threads)
     tracker = Tracker.open(settings.tracking_uri(), [mlflow_exp], settings.tracking.timeout)
     artifacts = Artifacts.of(settings)
     best_file = artifacts.tune_best(name)
@@ -115,15 +119,15 @@ def train_experiment(settings: Settings, name: str) -> None:
         raise FileNotFoundError(f"{best_file} is missing: run the tune stage first (dvc repro tune@{name})")
     best = json.loads(best_file.read_text())["best"]
     dataset = settings.experiments[name].dataset
-    load_splits(artifacts, dataset)  # checked against its manifest here, before any worker starts
-    seeds = settings.train.seed_values(settings.base.seed)
+    load_splits(artifacts, dataset)  # checked against its manifest here, before any job starts
+    steps = settings.experiment_train(name)["steps"]  # the step cap: experiments.<name>.train.steps or train.steps
     tags = provenance_tags(settings, "pipelines.train")
     artifacts.models_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out, even when no variant trains
     jobs = []
     for variant, entry in sorted(best.items()):
         cfg = entry["config"]
         # the search's settings with the full budget (not tune.steps) and this stage's progress bar
-        train_cfg = {**cfg["train"], "steps": settings.train.steps, "progress": settings.train.progress}
+        train_cfg = {**cfg["train"], "steps": steps, "progress": settings.train.progress}
         jobs += [SeedJob(variant, seed, cfg["spec"], {**train_cfg, "seed": seed}, str(artifacts.data_root), dataset)
                  for seed in seeds]
     workers = worker_count(settings.base.workers, settings.base.threads, len(jobs))
@@ -131,11 +135,11 @@ def train_experiment(settings: Settings, name: str) -> None:
                                {"seeds": ",".join(map(str, seeds)), "workers": workers}, {"stage": "train", **tags})
     variant_runs = {v: tracker.start_run(mlflow_exp, v, flatten({"spec": e["config"]["spec"],
                                                                  "train": {**e["config"]["train"],
-                                                                           "steps": settings.train.steps}}),
+                                                                           "steps": steps}}),
                                          {"stage": "train", "variant": v, "seeds": ",".join(map(str, seeds)), **tags},
                                          parent_run_id=parent)
                     for v, e in sorted(best.items())}
-    print(f"{name}: training {len(best)} variant(s) x {len(seeds)} seed(s) ({settings.train.steps} steps at most "
+    print(f"{name}: training {len(best)} variant(s) x {len(seeds)} seed(s) ({steps} steps at most "
           f"each), {workers} at a time", flush=True)
     summaries: dict[str, dict[int, dict]] = {v: {} for v in best}
     curves: dict[tuple[str, int], CurveLogger] = {}

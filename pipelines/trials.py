@@ -101,7 +101,7 @@ def trial_config(settings: "Settings", experiment: str, variant: str) -> dict[st
             "loss": exp.loss.model_dump(),
             "deq": settings.deq.model_dump(),
         },
-        "train": settings.train.fit_settings(),
+        "train": settings.experiment_train(experiment),
         "eval_options": experiment_eval_options(settings, experiment),
     }
     cfg["train"]["seed"] = settings.base.seed

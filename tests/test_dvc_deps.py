@@ -184,3 +184,10 @@ def test_search_config_leaves_out_what_the_search_does_not_read():
     cfg = search_config(settings, name, next(iter(settings.experiments[name].variants)))
     assert cfg["train"]["steps"] == settings.tune.steps
     assert "progress" not in cfg["train"] and "checkpoint_every" not in cfg["train"] and "eval_options" not in cfg
+
+
+def test_train_depends_on_its_experiments_own_train_values():
+    """An experiment's step cap (experiments.<exp>.train.steps) is read by the train stage only, and may be unset:
+    the stage lists the whole experiment (DVC stops on a listed key that params.yaml lacks)."""
+    assert "experiments.${key}" in stage_params("train")
+    assert "train.steps" in stage_params("train") and "train.steps" not in stage_params("tune")

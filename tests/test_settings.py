@@ -48,6 +48,10 @@ def test_shipped_params_are_valid_and_compare_deq_with_explicit():
     (lambda r: r["experiments"]["nice-digits"]["variants"]["deq"].update(variant="implicit"), "variant"),
     (lambda r: r["experiments"]["nice-digits"]["loss"].update(name="ssmm"), "unknown loss 'ssmm'"),
     (lambda r: r.update(trian={}), "trian: unknown key"),
+    (lambda r: r["experiments"]["nice-digits"].update(train={"stpes": 9}), "unknown train key(s) 'stpes'"),
+    (lambda r: r["experiments"]["nice-digits"].update(train={"seeds": 9}), "unknown train key(s) 'seeds'"),
+    (lambda r: r["experiments"]["nice-digits"].update(train={"steps": 0}),
+     "experiments.nice-digits.train.steps: Input should be greater than or equal to 1"),
 ])
 def test_bad_params_name_the_key(tmp_path, edit, message):
     with pytest.raises(ParamsError) as err:
@@ -81,6 +85,23 @@ def test_trial_config_and_samples():
     assert cfg["train"]["lr"] == s.train.lr, "apply_sample copies"
     flat = flatten({"spec": sampled["spec"]})
     assert flat["spec.deq.k"] == 4
+
+
+def test_an_experiment_sets_its_own_train_values_over_the_train_section(tmp_path):
+    def edit(raw):
+        raw["experiments"]["dkef-mixture"]["train"] = {"steps": 1234, "eval_every": 77}
+        raw["experiments"]["nice-digits"].pop("train", None)
+    s = load_params(_params(tmp_path, edit))
+    own, shared = s.experiment_train("dkef-mixture"), s.experiment_train("nice-digits")
+    assert (own["steps"], own["eval_every"]) == (1234, 77)
+    assert (shared["steps"], shared["eval_every"]) == (s.train.steps, s.train.eval_every)
+    assert own["batch_size"] == shared["batch_size"] == s.train.batch_size
+    cfg = trial_config(s, "dkef-mixture", "deq")
+    assert (cfg["train"]["steps"], cfg["train"]["eval_every"]) == (1234, 77)
+    assert "seeds" not in cfg["train"]
+    # the search trains for tune.steps whatever the experiment's cap, so a new cap does not re-run the search
+    from pipelines.tune import search_config
+    assert search_config(s, "dkef-mixture", "deq")["train"]["steps"] == s.tune.steps
 
 
 @pytest.mark.parametrize("stage", ["tune", "train", "evaluate"])

@@ -147,10 +147,11 @@ def caveats(s: Settings, datas: list[ExperimentData], all_rows: dict[str, list[d
     for data in datas:
         unsettled = [(v, c) for v, c in experiment_convergence(data) if c["verdict"] != "converged"]
         if unsettled:
+            tr = s.experiment_train(data.name) if data.name in s.experiments else s.train.fit_settings()
             out.append(f"`{data.name}`: not every variant trained until trained — " + "; ".join(
                 f"`{v}` {c['verdict']}, {c['n_converged']}/{c['n']} seeds stopped on a plateau" for v, c in unsettled)
-                + f". Step cap train.steps = {s.train.steps}, patience {s.train.patience}, min_delta "
-                f"{s.train.min_delta:g}; a difference to those variants may reflect optimisation speed as much as "
+                + f". Step cap {tr['steps']}, patience {tr['patience']}, min_delta {tr['min_delta']:g} "
+                f"(experiments.{data.name}.train over train); a difference to those variants may reflect optimisation speed as much as "
                 "the model (see the convergence table).")
         ess = [number(m.get("test_is_ess")) for m in data.metrics.values()]
         ess = [e for e in ess if e is not None]
