@@ -91,9 +91,11 @@ class _TrialReporter:
     def __init__(self, ckpt_dir: Path, device: str) -> None:
         self.ckpt_dir = ckpt_dir
         self.latest: dict[str, float | str] = {"device": device}  # the worker's device: the trial run's tag
+        self.step = 0  # the last step completed
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self.latest.update(metrics)
+        self.step = step
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.latest.update(metrics)
@@ -125,11 +127,17 @@ def _latest_checkpoint(trial_root: str | None, trial_id: str) -> Path | None:
 
 
 def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: dict,
-               trial_root: str | None = None) -> None:
+               trial_root: str | None = None, worst: dict[str, float] | None = None) -> None:
     """One trial (runs in a Ray worker): train on the train split, select on the validation split. The test
-    split is left to the evaluate stage, so model selection never sees it."""
+    split is left to the evaluate stage, so model selection never sees it.
+
+    Training that cannot go on (:class:`deqsm.train.TrainingError`: a non-finite loss, a solver that keeps
+    missing its tolerance) ends the trial with a result that names the error (``failed``) and holds ``worst``
+    (the search metric's worst value), rather than raising: the configuration diverged, so a retry
+    (``tune.max_failures``) would diverge again, and a raised error also costs the worker process (the next
+    trial then starts a new one and imports torch again). The trial logger marks such a run FAILED."""
     from deqsm.experiments import VariantSpec, SolverRecorder, train_model
-    from deqsm.train import TrainSettings
+    from deqsm.train import TrainingError, TrainSettings
 
     cfg = apply_sample(base_configs[config["variant_name"]],
                        {k.replace("__", "."): v for k, v in config.items() if k != "variant_name"})
@@ -147,9 +155,14 @@ def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: di
             shutil.copytree(d, ckpt_dir, dirs_exist_ok=True)
     recorder = SolverRecorder()
     device = device_label(train.device)  # as fit resolves it, in this worker (which may see no GPU)
+    reporter = _TrialReporter(ckpt_dir, device)
     try:
-        model, fit = train_model(spec, splits, train, callbacks=[_TrialReporter(ckpt_dir, device), recorder],
-                                 checkpoint_dir=ckpt_dir)
+        try:
+            model, fit = train_model(spec, splits, train, callbacks=[reporter, recorder], checkpoint_dir=ckpt_dir)
+        except TrainingError as err:
+            tune.report({**(worst or {}), "failed": f"{type(err).__module__}.{type(err).__name__}: {err}",
+                         "final": 1.0, "device": device, "step": reporter.step})
+            return
         summary = {k: v for k, v in fit.summary().items() if isinstance(v, (int, float))}
         summary["val_loss"] = fit.best_val_loss  # the selection metric: the best validation loss reached
         summary["params"] = float(sum(p.numel() for p in model.parameters()))
@@ -206,6 +219,8 @@ class MlflowTrialLogger(tune.Callback):
         self._run_id(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "failed" in result:  # the trial's training stopped on an error (its run ends FAILED on completion)
+            return
         metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and k not in _RAY_BOOKKEEPING}
         self.tracker.log_metrics(self._run_id(trial), metrics, step=int(result.get("step", result.get("training_iteration", 0))))
@@ -223,10 +238,14 @@ class MlflowTrialLogger(tune.Callback):
         sample = ", ".join(f"{k.replace('__', '.')}={v}" for k, v in sorted(trial.config.items()) if k != "variant_name")
         metric = trial.last_result.get("val_loss") if trial.last_result else None
         print(f"[{self.experiment} {done}/{max(self.total or 0, len(trials))}] {trial.config['variant_name']} ({sample}) {outcome}"
-              + (f", val_loss={metric:.4g}" if isinstance(metric, float) else ""), flush=True)
+              + (f", val_loss={metric:.4g}" if isinstance(metric, float) and math.isfinite(metric) else ""), flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
+        if isinstance(last.get("failed"), str):  # ended on a TrainingError (see _trainable)
+            self.tracker.end_run(self._run_id(trial), "FAILED", failure_reason=last["failed"])
+            self._progress(trials, trial, f"FAILED: {last['failed'].splitlines()[0]}")
+            return
         stopped = _stopped_early(last)
         if stopped:
             self.tracker.set_tags(self._run_id(trial), {"stopped_early": f"asha at step {last['step']}"})
@@ -300,7 +319,8 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
         param_space[_key(key)] = to_tune_domain(entry, asha=ts.scheduler == "asha")
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base_configs=base_configs, splits=splits,
-                             trial_root=str((storage / experiment).resolve())),
+                             trial_root=str((storage / experiment).resolve()),
+                             worst={ts.metric: math.inf if ts.mode == "min" else -math.inf}),
         {"cpu": ts.cpus_per_trial, "gpu": ts.gpus_per_trial})
     n_evals = max(1, base_configs[next(iter(base_configs))]["train"]["steps"]
                   // base_configs[next(iter(base_configs))]["train"]["eval_every"])
@@ -376,6 +396,9 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
         if result.error is not None or not result.metrics or ts.metric not in result.metrics:
             failed.setdefault(variant, []).append(str(result.error).strip().splitlines()[-1] if result.error
                                                   else f"no {ts.metric} reported")
+            continue
+        if isinstance(result.metrics.get("failed"), str):  # training stopped on an error (see _trainable)
+            failed.setdefault(variant, []).append(result.metrics["failed"].splitlines()[0])
             continue
         value = result.metrics[ts.metric]
         sample = {k.replace("__", "."): v for k, v in result.config.items() if k != "variant_name"}
