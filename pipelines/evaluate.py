@@ -95,15 +95,18 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
     from pipelines.provenance import provenance_tags
     from pipelines.seeds import aggregate
     from pipelines.tracking import Tracker
-    from pipelines.workers import run_jobs, worker_count
+    from pipelines.workers import run_jobs, start_workers, worker_count
 
     mlflow_exp = settings.tracking.experiment_prefix + name
-    tracker = Tracker.open(settings.tracking_uri(), [mlflow_exp], settings.tracking.timeout)
     artifacts = Artifacts.of(settings)
     files = artifacts.models(name)
     if not files:
         raise FileNotFoundError(f"no trained models in {artifacts.models_dir(name)}: run the train stage first "
                                 f"(dvc repro train@{name})")
+    # the workers start (and import torch) while this process opens the store and reads the dataset
+    start_workers(worker_count(settings.base.workers, settings.base.threads, sum(map(len, files.values()))),
+                  settings.base.threads)
+    tracker = Tracker.open(settings.tracking_uri(), [mlflow_exp], settings.tracking.timeout)
     dataset = settings.experiments[name].dataset
     load_splits(artifacts, dataset)  # checked against its manifest here, before any worker starts
     family = MODELS.get(settings.experiments[name].model)

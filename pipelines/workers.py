@@ -7,6 +7,7 @@ in the stage's process (their own progress bars show); more show one bar over th
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -36,6 +37,33 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _warm_up() -> int:
+    """A worker's first task: import what every job needs (torch, the models), so the first real job does not."""
+    importlib.import_module("deqsm.experiments")
+
+    return os.getpid()
+
+
+_STARTED: dict[tuple[int, int | None], Any] = {}  # (workers, threads) → the pool start_workers started
+
+
+def start_workers(workers: int, threads: int | None = None) -> None:
+    """Start ``workers`` worker processes now, each importing torch and the models, for the stage's later
+    :func:`run_jobs` with the same ``workers`` and ``threads``: spawning and importing (seconds per process)
+    then overlaps the stage's own setup (MLflow runs, reading its inputs) instead of following it. Nothing
+    is started for one worker (run_jobs runs the jobs in this process)."""
+    if workers <= 1 or (workers, threads) in _STARTED:
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_set_threads,
+                               initargs=(threads,))
+    for _ in range(workers):  # a pool spawns a process per submitted task while it has fewer than max_workers
+        pool.submit(_warm_up)
+    _STARTED[workers, threads] = pool
+
+
 def run_jobs(fn: Callable[[J], Any], jobs: list[J], workers: int, progress: bool, desc: str,
              threads: int | None = None) -> Iterator[tuple[J, Any]]:
     """``(job, fn(job))`` as the jobs finish: in this process for one worker, else in ``workers`` spawned
@@ -53,8 +81,11 @@ def run_jobs(fn: Callable[[J], Any], jobs: list[J], workers: int, progress: bool
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc=f"{desc} ({workers} processes)", unit="job", dynamic_ncols=True, leave=False)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_set_threads,
-                               initargs=(threads,))
+    pool = _STARTED.pop((workers, threads), None) or ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"), initializer=_set_threads, initargs=(threads,))
+    for other in _STARTED.values():  # started for another worker count: not used
+        other.shutdown(wait=False, cancel_futures=True)
+    _STARTED.clear()
     try:
         pending = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
         while pending:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.workers import run_jobs, worker_count
+from pipelines import workers
+from pipelines.workers import run_jobs, start_workers, worker_count
 from worker_jobs import sleep_or_fail, square, torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,25 @@ def test_every_job_comes_back_from_two_processes():
     assert os.getpid() not in pids and 1 <= len(pids) <= 2
     inline = dict(run_jobs(square, [1, 2], workers=1, progress=False, desc="t"))
     assert {v[1] for v in inline.values()} == {os.getpid()}
+
+
+def test_workers_started_ahead_run_the_jobs_and_others_are_ended():
+    """start_workers spawns the processes (each importing the models) before the jobs exist; run_jobs with the
+    same worker count and threads runs its jobs in exactly those, and ends a pool started for another count."""
+    start_workers(2, threads=1)
+    started = workers._STARTED[2, 1]
+    pids = set(started._processes)  # spawned at start_workers, not at the first job
+    assert len(pids) == 2 and os.getpid() not in pids
+    start_workers(3, threads=1)  # started for a count the stage does not use
+    unused = set(workers._STARTED[3, 1]._processes)
+    out = dict(run_jobs(square, [1, 2, 3, 4], workers=2, progress=False, desc="t", threads=1))
+    assert {k: v[0] for k, v in out.items()} == {1: 1, 2: 4, 3: 9, 4: 16}
+    assert {v[1] for v in out.values()} <= pids
+    assert workers._STARTED == {}
+    deadline = time.time() + 30
+    while any(_alive(p) for p in pids | unused) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids | unused), "every started worker ends with its pool"
 
 
 def test_workers_run_with_base_threads():
