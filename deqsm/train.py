@@ -4,8 +4,8 @@ It knows nothing of Ray or MLflow: per-step and per-evaluation metrics go to cal
 pipeline turns into Ray Tune reports and MLflow metrics. What it does:
 
 - optimiser and learning-rate schedule from :class:`TrainSettings`, gradient clipping, seeds;
-- evaluation every ``eval_every`` steps on the validation set, early stopping on its loss, and the
-  best weights restored at the end;
+- evaluation every ``eval_every`` steps on the validation set (the same random draws each time:
+  :func:`validation_loss`), early stopping on its loss, and the best weights restored at the end;
 - a convergence rule: training stops when ``patience`` evaluations in a row bring no improvement larger
   than ``min_delta`` (relative to the last loss that counted), or at the step cap ``steps``; ``FitResult.converged``
   says which (True: the plateau rule fired);
@@ -143,6 +143,24 @@ def mean_loss(model: nn.Module, objective: Objective, data: Tensor, batch_size: 
         n += batch.shape[0]
     model.train(was_training)
     return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+# The validation estimate's own draws (SSM projections, DSM noise and σ, importance samples) come from this seed
+# offset: see validation_loss.
+VAL_SEED_OFFSET = 7919
+
+
+def validation_loss(model: nn.Module, objective: Objective, data: Tensor, batch_size: int,
+                    max_batches: int | None, seed: int) -> dict[str, float]:
+    """:func:`mean_loss` with the estimator's random draws fixed by ``seed``: every evaluation of a run uses the
+    same draws (common random numbers), so two evaluations differ only as the model does. With fresh draws
+    the estimate's own spread (measured on trained models of the default experiments, 8 draws: about 6% of the
+    loss for DKEF and NCSN, 21% for NICE's SSM, 0.6% for the VAE's bound) swamps the plateau rule's min_delta.
+    The training stream's random state is left as it was, so training does not depend on when it evaluates."""
+    devices = [data.device] if data.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return mean_loss(model, objective, data, batch_size, max_batches)
 
 
 def improves(value: float, best: float, min_delta: float) -> bool:
@@ -307,8 +325,9 @@ def fit(
                                    if settings.patience is not None else {}))
             if step % settings.eval_every == 0 or step == settings.steps:
                 data = val if val is not None else train
-                ev = {f"val_{k}": v for k, v in mean_loss(model, objective, data, settings.batch_size,
-                                                         settings.eval_batches).items()}
+                ev = {f"val_{k}": v for k, v in validation_loss(model, objective, data, settings.batch_size,
+                                                               settings.eval_batches,
+                                                               settings.seed + VAL_SEED_OFFSET).items()}
                 ev["step"] = float(step)
                 history.append(ev)
                 if ev["val_loss"] < best_val:  # the weights to restore: the lowest loss, however small the gain

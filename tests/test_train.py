@@ -70,6 +70,34 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
         assert torch.equal(v, again.state_dict()[k]), k
 
 
+def test_every_evaluation_uses_the_same_random_draws():
+    """SSM-VR draws random projections: with fresh draws at each evaluation an unchanged model's validation loss
+    moves by the estimator's own noise, which the plateau rule would read as progress or as a plateau."""
+    data = gaussian_data()
+    torch.manual_seed(0)
+    rec = Recorder()
+    fit(ExplicitEnergyMLP(3, 8, 2), objective, data, data[:64], settings(steps=20, lr=1e-12, eval_every=5), [rec])
+    vals = [e["val_loss"] for _, e in rec.evals]
+    assert len(vals) == 4 and max(vals) - min(vals) <= 1e-6 * max(1.0, abs(vals[0]))
+    torch.manual_seed(1)  # the draws do vary: other draws give another value for the same model
+    model = ExplicitEnergyMLP(3, 8, 2)
+    a, b = (objective(model, data[:64]).loss.item() for _ in range(2))
+    assert abs(a - b) > 1e-4
+
+
+def test_training_does_not_depend_on_when_it_evaluates():
+    """Evaluations take their draws from their own seed and leave the training stream's random state alone."""
+    data = gaussian_data()
+    trained = []
+    for every in (5, 7):
+        torch.manual_seed(0)
+        model = ExplicitEnergyMLP(3, 8, 2)
+        fit(model, objective, data, data[:64], settings(steps=20, eval_every=every))
+        trained.append(model.state_dict())
+    for k, v in trained[0].items():
+        assert torch.equal(v, trained[1][k]), k
+
+
 def test_early_stopping():
     data = gaussian_data()
     torch.manual_seed(0)
