@@ -499,8 +499,9 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(local_ray, tmp_path)
     from pipelines import tune as tune_stage
 
     steps, every = 2400, 200
+    # no plateau rule: the trial runs all its steps, so the final result is known (it stopped at 1800 otherwise)
     raw = _one_experiment(**{"tune.search_space": {}, "tune.steps": steps, "tune.max_failures": 1,
-                             "train.eval_every": every})
+                             "train.eval_every": every, "train.patience": None})
     raw["experiments"][EXP]["variants"] = {"explicit-2": {"variant": "explicit", "depth": 2}}
     params = _prepared_project(tmp_path, raw)
     run_dir = tmp_path / "out" / "ray" / EXP
