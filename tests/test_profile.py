@@ -36,6 +36,17 @@ def test_the_paper_gpu_profile_is_valid_and_at_the_papers_scale(tmp_path):
     assert "dkef-mixture" not in s.experiments, "a profile's experiments replace the defaults"
 
 
+def test_the_cpu_converged_profile_only_raises_the_step_cap(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    default = load_params(params)
+    apply_profile(ROOT / "profiles" / "cpu-converged.yaml", params)
+    s = load_params(params)
+    assert s.train.steps > default.train.steps
+    assert s.model_dump(exclude={"train"}) == default.model_dump(exclude={"train"})
+    assert s.train.model_dump(exclude={"steps"}) == default.train.model_dump(exclude={"steps"})
+
+
 def test_a_bad_profile_is_refused_naming_the_key_and_writes_nothing(tmp_path):
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params)

@@ -2,9 +2,10 @@
 
 The rule (:func:`deqsm.train.fit`): training stops when ``train.patience`` evaluations in a row bring no
 validation-loss improvement of more than ``train.min_delta`` (relative to the reference loss), or at the step
-cap ``train.steps``. A run *converged* when the rule fired (its summary's ``converged`` flag). A run that hit the
-cap may still have levelled off: its curve is *flat* when the mean validation loss of the last quarter of the
-evaluations differs from the quarter before it by at most ``flat_tol`` (default 5%) of the curve's whole range.
+cap (``experiments.<exp>.train.steps``, else ``train.steps``). A run *converged* when the rule fired (its
+summary's ``converged`` flag). A run that hit the cap may still have levelled off: its curve is *flat* when the
+mean validation loss of the last quarter of the evaluations differs from the quarter before it by at most
+``flat_tol`` (default 5%) of the curve's whole range.
 
 Per variant (the runs are its seeds) the verdict is "converged" when every run converged by the rule, "flat at
 the cap" when none did but every run's curve is flat, "not converged" otherwise (a run still moving at the cap,
@@ -123,8 +124,8 @@ def convergence_table_md(rows: list[tuple[str, dict]], flat_tol: float = FLAT_TO
     notes = [
         "- Converged (plateau rule): runs (k of n seeds) whose training stopped because `train.patience` "
         "evaluations brought no validation-loss improvement of more than `train.min_delta` (relative), rather than at "
-        "the step cap `train.steps`; verdict \"converged\": all of them, \"flat at the cap\": none, but every curve "
-        "is flat, \"not converged\": any other mix.",
+        "the step cap (`experiments.<exp>.train.steps`, else `train.steps`); verdict \"converged\": all of them, "
+        "\"flat at the cap\": none, but every curve is flat, \"not converged\": any other mix.",
         f"- Flat at the end: runs whose mean validation loss over the last quarter of the evaluations moved from the "
         f"quarter before by at most {100 * flat_tol:g}% of the curve's whole range (max − min); last-quarter change: "
         "the largest such |change| (in % of the range) over the "
