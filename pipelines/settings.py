@@ -53,8 +53,7 @@ class BaseSettings(Strict):
             torch.set_num_threads(self.threads)
 
 
-# The train.* keys an experiment can set for itself (experiments.<name>.train); seed and device come from base,
-# progress and checkpointing are the stages' own.
+# The train.* keys experiments.<name>.train may set (seed and device are base's; progress, checkpoints the stages')
 EXPERIMENT_TRAIN_KEYS = tuple(k for k in TrainSettings.model_fields
                               if k not in ("seed", "device", "progress", "checkpoint_every"))
 
@@ -77,14 +76,12 @@ class ExperimentSettings(Strict):
     loss: LossSettings = Field(default_factory=LossSettings)
     variants: dict[str, VariantSettings]
     eval_options: dict[str, Any] = Field(default_factory=dict)
-    train: dict[str, Any] = Field(default_factory=dict, description="this experiment's values of train.* keys "
-                                  "(e.g. its step cap `steps`), over the train section's")
+    train: dict[str, Any] = Field(default_factory=dict, description="train.* values of this experiment's runs")
 
     @field_validator("train")
     @classmethod
     def _train_keys(cls, v: dict) -> dict:
-        unknown = sorted(set(v) - set(EXPERIMENT_TRAIN_KEYS))
-        if unknown:
+        if unknown := sorted(set(v) - set(EXPERIMENT_TRAIN_KEYS)):
             raise ValueError(f"unknown train key(s) {', '.join(map(repr, unknown))}; an experiment can set "
                              f"{', '.join(EXPERIMENT_TRAIN_KEYS)}")
         return v
@@ -269,8 +266,7 @@ class Settings(Strict):
     _root: Path = PrivateAttr(default=ROOT)  # the folder of params.yaml: relative paths start there
 
     def experiment_train(self, name: str) -> dict[str, Any]:
-        """The train settings of experiment ``name``'s runs: the train section's, with the experiment's own
-        ``train`` values over them (what :func:`pipelines.trials.trial_config` and the train stage read)."""
+        """Experiment ``name``'s train settings: the train section's, with the experiment's own over them."""
         return {**self.train.fit_settings(), **self.experiments[name].train}
 
     @model_validator(mode="after")
