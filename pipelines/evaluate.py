@@ -108,7 +108,7 @@ def evaluate_experiment(settings: Settings, name: str) -> dict[str, dict]:
                   settings.base.threads)
     tracker = Tracker.open(settings.tracking_uri(), [mlflow_exp], settings.tracking.timeout)
     dataset = settings.experiments[name].dataset
-    load_splits(artifacts, dataset)  # checked against its manifest here, before any worker starts
+    load_splits(artifacts, dataset)  # checked against its manifest here, before any job starts
     family = MODELS.get(settings.experiments[name].model)
     eval_options = with_data_facts(family, experiment_eval_options(settings, name),
                                    read_manifest(artifacts.data_root, dataset).get("info", {}), dataset)

@@ -1,7 +1,8 @@
 """DVC stage `train`: retrain the best configuration of every variant found by `tune`, up to its step cap
 (``experiments.<name>.train.steps``, else ``train.steps``), once per seed (``train.seeds``: base.seed,
-base.seed + 1, ...; ``base.workers`` of them at once, each in its own process), and save each model (``<out>/models/<experiment>/<variant>/seed<s>.pt``) with its
-training curve (``<results>/experiments/<experiment>/curves/<variant>/seed<s>.csv``).
+base.seed + 1, ...; ``base.workers`` of them at once, each in its own process), and save each model
+(``<out>/models/<experiment>/<variant>/seed<s>.pt``) with its training curve
+(``<results>/experiments/<experiment>/curves/<variant>/seed<s>.csv``).
 
 MLflow: a run for the stage (stage=train), under it one run per variant (its figures averaged over the seeds),
 and under each variant one run per seed (its curve, training figures and logged model).
