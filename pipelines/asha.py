@@ -58,11 +58,15 @@ class VariantASHA(FIFOScheduler):
         self._of(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if "failed" in result:  # a diverged trial's last result (the metric's worst, ±inf): it ends anyway; an
+            return TrialScheduler.CONTINUE  # infinite value at a rung makes numpy warn and skews the rung's cutoff
         decision = self._of(trial).on_trial_result(tune_controller, trial, result)  # records it at its rung
         late = self._last_stop is not None and result.get(self._options["time_attr"], 0) > self._last_stop
         return TrialScheduler.CONTINUE if late else decision
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if "failed" in (result or {}):  # not recorded at a rung either (see on_trial_result): Ray's ASHA
+            result = {}                   # records nothing for a result without the metric
         self._of(trial).on_trial_complete(tune_controller, trial, result)
 
     def on_trial_remove(self, tune_controller, trial) -> None:

@@ -126,3 +126,24 @@ def test_a_trial_is_not_stopped_at_its_last_evaluation():
         late.on_trial_add(None, t)
     assert late.on_trial_result(None, a, {"training_iteration": 1, "val_loss": -5.0}) == TrialScheduler.CONTINUE
     assert late.on_trial_result(None, b, {"training_iteration": 1, "val_loss": -1.0}) == TrialScheduler.CONTINUE
+
+
+def test_a_diverged_trial_is_not_recorded_at_a_rung():
+    """A diverged trial reports the metric's worst value (inf) with ``failed``: recorded at a rung, it made numpy warn
+    ("invalid value") in ASHA's cutoff and counted among the trials the cutoff is taken over. Neither now."""
+    import warnings
+
+    scheduler = VariantASHA(max_t=3, grace_period=1, reduction_factor=3)
+    scheduler.set_search_properties("val_loss", "min")
+    bad, good, poor = (SimpleNamespace(trial_id=t, config={"variant_name": "deq"}) for t in ("bad", "good", "poor"))
+    for t in (bad, good, poor):
+        scheduler.on_trial_add(None, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a NaN cutoff warns: an error here
+        failed = {"training_iteration": 1, "val_loss": float("inf"), "failed": "TrainingError: nan"}
+        assert scheduler.on_trial_result(None, bad, failed) == TrialScheduler.CONTINUE  # it ends by itself
+        scheduler.on_trial_complete(None, bad, failed)
+        assert scheduler.on_trial_result(None, good, {"training_iteration": 1, "val_loss": -5.0}) == TrialScheduler.CONTINUE
+        assert scheduler.on_trial_result(None, poor, {"training_iteration": 1, "val_loss": -1.0}) == TrialScheduler.STOP
+    rungs = scheduler.variant_scheduler("deq")._brackets[0]._rungs
+    assert all(float("inf") not in rung[1].values() for rung in rungs)
