@@ -150,9 +150,10 @@ def caveats(s: Settings, datas: list[ExperimentData], all_rows: dict[str, list[d
             tr = s.experiment_train(data.name) if data.name in s.experiments else s.train.fit_settings()
             out.append(f"`{data.name}`: not every variant trained until trained — " + "; ".join(
                 f"`{v}` {c['verdict']}, {c['n_converged']}/{c['n']} seeds stopped on a plateau" for v, c in unsettled)
-                + f". Step cap {tr['steps']}, patience {tr['patience']}, min_delta {tr['min_delta']:g} "
-                f"(experiments.{data.name}.train over train); a difference to those variants may reflect optimisation speed as much as "
-                "the model (see the convergence table).")
+                + f". Step cap {tr['steps']}, patience {tr['patience']}, min_delta {tr['min_delta']:g} (the train "
+                f"section, or experiments.{data.name}.train where it sets them): a difference to those variants may "
+                "reflect optimisation speed as much as the model (see the convergence table; "
+                "profiles/cpu-converged.yaml raises the cap).")
         ess = [number(m.get("test_is_ess")) for m in data.metrics.values()]
         ess = [e for e in ess if e is not None]
         if ess:
