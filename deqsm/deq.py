@@ -90,6 +90,11 @@ class CachedNormalization(nn.Module):
     def _size_key(self, size: tuple[int, ...] | None) -> tuple[int, ...] | None:
         return None  # the normalisation does not depend on the input's shape
 
+    def operator_norm(self, size: tuple[int, ...] | None = None) -> Tensor:
+        """‖Ŵ‖₂ of the map the layer applies (here the normalised weight as a matrix, rows = outputs); a layer
+        whose map is not a plain matrix product (a convolution) computes its own."""
+        return torch.linalg.matrix_norm(self.normalized_weight(size).flatten(1), ord=2)
+
     def normalized_weight(self, size: tuple[int, ...] | None = None) -> Tensor:
         w = self.weight
         if torch.is_grad_enabled() and w.requires_grad:

@@ -18,6 +18,7 @@ from pydantic import AfterValidator, Field, model_validator
 from torch import nn
 
 from deqsm.config import DEQSettings, LossSettings
+from deqsm.depth import deq_layers, effective_depth
 from deqsm.losses import get_loss
 from deqsm.models import MODELS, EvalOptions, ModelFamily
 from deqsm.models.blocks import VARIANTS, count_parameters
@@ -26,6 +27,7 @@ from deqsm.train import Callback, FitResult, Objective, TrainSettings, fit
 
 Tensor = torch.Tensor
 SPLITS = ("train", "val", "test")
+DEPTH_ROWS = 256  # test rows the effective depth of a DEQ is measured on (its gradient cosine: the first 64)
 
 
 # The fields a variant's spec shares with params.yaml's experiment sections (pipelines.settings), defined once.
@@ -168,6 +170,10 @@ def evaluate_variant(spec: VariantSpec, model: nn.Module, splits: dict[str, Tens
     _check_splits(splits, ("test",))
     torch.manual_seed(opts.seed)
     metrics, images = spec.family.evaluate(model, splits, opts, spec, true_density=true_density, labels=labels)
+    if deq_layers(model):  # how deep the DEQ is at its test-time fixed points (deqsm.depth)
+        device = next(model.parameters()).device
+        metrics.update(effective_depth(model, make_objective(spec, splits["train"]),
+                                       splits["test"][:DEPTH_ROWS].to(device), seed=opts.seed))
     return {"params": float(count_parameters(model)), **metrics}, images
 
 

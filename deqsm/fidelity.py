@@ -72,3 +72,23 @@ def gradient_fidelity(model: nn.Module, objective: Callable[[nn.Module, Tensor],
     finally:
         for m, (backward, k) in zip(layers, saved):
             m.set_backward(backward, k)
+
+
+def backward_cosine(model: nn.Module, objective: Callable[[nn.Module, Tensor], LossOutput], x: Tensor,
+                    seed: int = 0) -> float:
+    """Cosine of the loss's parameter gradient under the DEQ layers' own backward modes (as trained: phantom
+    with its K, unroll, or implicit) with the exact implicit one, on the rows ``x``. Layers that all train
+    with ``implicit`` compute the exact gradient itself: 1.0 without a second computation."""
+    layers = _deq_layers(model)
+    if all(m.backward == "implicit" for m in layers):
+        return 1.0
+    trained = _flat_grad(model, objective, x, seed)
+    saved = [(m.backward, m.k) for m in layers]
+    try:
+        for m in layers:
+            m.set_backward("implicit")
+        exact = _flat_grad(model, objective, x, seed)
+    finally:
+        for m, (backward, k) in zip(layers, saved):
+            m.set_backward(backward, k)
+    return float(torch.nn.functional.cosine_similarity(trained, exact, dim=0))

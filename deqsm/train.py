@@ -5,7 +5,9 @@ pipeline turns into Ray Tune reports and MLflow metrics. What it does:
 
 - optimiser and learning-rate schedule from :class:`TrainSettings`, gradient clipping, seeds;
 - evaluation every ``eval_every`` steps on the validation set (the same random draws each time:
-  :func:`validation_loss`), early stopping on its loss, and the best weights restored at the end;
+  :func:`validation_loss`), early stopping on its loss, and the best weights restored at the end; a model with
+  DEQ layers also reports their contraction, iterations and depth gain at each evaluation
+  (:func:`deqsm.depth.depth_probe` on one validation batch: ``deq_*`` keys beside ``val_*``);
 - a convergence rule: training stops when ``patience`` evaluations in a row bring no improvement larger
   than ``min_delta`` (relative to the last loss that counted), or at the step cap ``steps``; ``FitResult.converged``
   says which (True: the plateau rule fired);
@@ -29,6 +31,7 @@ from torch import nn
 
 from deqsm.schema import Strict
 from deqsm.deq import DEQ
+from deqsm.depth import depth_probe
 from deqsm.losses import LossOutput
 from deqsm.metrics.memory import measure_step
 from deqsm.registry import Registry
@@ -219,6 +222,7 @@ def fit(
     gen = torch.Generator(device="cpu").manual_seed(settings.seed)
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     ckpt_every = settings.checkpoint_every or settings.eval_every
+    has_deq = any(isinstance(m, DEQ) for m in model.modules())
 
     step = 0
     perm = torch.randperm(train.shape[0], generator=gen)
@@ -328,6 +332,9 @@ def fit(
                 ev = {f"val_{k}": v for k, v in validation_loss(model, objective, data, settings.batch_size,
                                                                settings.eval_batches,
                                                                settings.seed + VAL_SEED_OFFSET).items()}
+                if has_deq:  # how deep the DEQ is now: contraction, iterations (deqsm.depth), on one batch
+                    ev.update(depth_probe(model, objective, data[:settings.batch_size],
+                                          seed=settings.seed + VAL_SEED_OFFSET))
                 ev["step"] = float(step)
                 history.append(ev)
                 if ev["val_loss"] < best_val:  # the weights to restore: the lowest loss, however small the gain

@@ -64,6 +64,12 @@ class NormalizedConv2d(CachedNormalization):
         # The factor k makes the flattened-kernel norm bound the operator norm of the convolution.
         return self._normalize(self.weight, self.lam * self.kernel_size)
 
+    def operator_norm(self, size: tuple[int, ...] | None = None) -> Tensor:
+        """‖Ŵ ⋆ ·‖₂ on images of ``size`` (H, W): :func:`conv_operator_norm` of the normalised kernel."""
+        if size is None or len(size) != 2:
+            raise ValueError(f"a convolution's operator norm needs the image size (H, W), got {size}")
+        return conv_operator_norm(self.normalized_weight(size), size)
+
     def forward(self, z: Tensor) -> Tensor:
         return F.conv2d(z, self.normalized_weight(tuple(z.shape[-2:])), padding=self.kernel_size // 2)
 

@@ -1,0 +1,140 @@
+"""Effective depth of DEQ layers (deqsm.depth): the contraction estimate against exact references, the depth gain,
+the gradient cosine, and the measurement inside training and evaluation."""
+import pytest
+import torch
+
+from deqsm.deq import DEQ, SoftplusCell
+from deqsm.depth import (DEPTH_KEYS, depth_probe, effective_depth, layer_depth, local_lipschitz,
+                         record_layer_inputs)
+from deqsm.fidelity import backward_cosine
+from deqsm.losses import get_loss
+from deqsm.models.conv import ConvSoftplusCell, NormalizedConv2d
+from deqsm.models.energy_mlp import build_energy_mlp
+from deqsm.config import DEQSettings
+
+
+def _dense_norms(cell, x, z):
+    """‖∂f/∂z‖₂ per row from the dense Jacobian of one row at a time."""
+    out = []
+    for i in range(z.shape[0]):
+        jac = torch.autograd.functional.jacobian(lambda zz: cell(zz[None], x[i:i + 1])[0], z[i])
+        out.append(torch.linalg.matrix_norm(jac.reshape(z[i].numel(), z[i].numel()), ord=2))
+    return torch.stack(out)
+
+
+def test_contraction_matches_the_dense_jacobian_of_a_small_cell():
+    torch.manual_seed(0)
+    cell = SoftplusCell(6, lam=1.2, norm="spectral").double()
+    x, z = torch.randn(4, 6, dtype=torch.double), torch.randn(4, 6, dtype=torch.double)
+    estimate = local_lipschitz(lambda z_: cell(z_, x), z, iters=200)
+    torch.testing.assert_close(estimate, _dense_norms(cell, x, z), rtol=1e-6, atol=1e-9)
+
+
+def test_contraction_equals_the_weight_norm_in_the_linear_regime():
+    """Softplus' slope is 1 for large inputs: there ∂f/∂z = Ŵ and the contraction is ‖Ŵ‖₂ itself."""
+    torch.manual_seed(1)
+    for norm, lam in (("frobenius", 2.0), ("spectral", 1.05)):
+        layer = DEQ(SoftplusCell(20, lam=lam, norm=norm).double(), tol=1e-10, max_iter=200)
+        with torch.no_grad():
+            layer.cell.linear.weight.abs_()  # Ŵ ≥ 0, so z* ≥ 0 and every pre-activation Ŵz* + x ≥ x
+        x = 40.0 + torch.rand(8, 20, dtype=torch.double)  # pre-activations far in Softplus' linear part
+        d = layer_depth(layer, x, torch.zeros_like(x), power_iters=300)
+        expected = float(torch.linalg.matrix_norm(layer.cell.linear.normalized_weight().detach(), ord=2))
+        assert d["weight_norm"] == pytest.approx(expected, rel=1e-9)
+        assert d["contraction"] == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(1 / 1.05, rel=1e-4)  # spectral: ‖Ŵ‖₂ = 1/λ
+
+
+def test_frobenius_normalisation_makes_a_weak_contraction_and_a_one_layer_fixed_point():
+    """The finding of issue 14: λ = 2 Frobenius gives ‖Ŵ‖₂ ≈ 2/(λ√n) and z* within a few % of one cell step; the
+    spectral norm at λ close to 1 is a deeper equilibrium."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 30)
+    shallow = layer_depth(DEQ(SoftplusCell(30, lam=2.0, norm="frobenius"), tol=1e-4, max_iter=40), x, torch.zeros_like(x))
+    deep = layer_depth(DEQ(SoftplusCell(30, lam=1.05, norm="spectral"), tol=1e-4, max_iter=40), x, torch.zeros_like(x))
+    assert shallow["weight_norm"] < 0.25 and shallow["contraction"] <= shallow["weight_norm"] + 1e-6
+    assert shallow["depth_gain"] < 0.1 and shallow["iterations"] <= 8
+    assert deep["contraction"] > 3 * shallow["contraction"] and deep["depth_gain"] > 3 * shallow["depth_gain"]
+    assert deep["iterations"] > shallow["iterations"] and deep["converged"] == 1.0
+
+
+def test_a_cell_constant_in_z_has_no_depth():
+    layer = DEQ(SoftplusCell(5), tol=1e-8)
+    with torch.no_grad():
+        layer.cell.linear.weight.zero_()  # Ŵ = 0: f(z, x) = softplus(x) whatever z
+    x = torch.randn(7, 5)
+    d = layer_depth(layer, x, torch.zeros_like(x))
+    assert d["contraction"] == 0.0 and d["depth_gain"] == 0.0 and d["weight_norm"] == 0.0
+
+
+def test_conv_operator_norm_bounds_and_matches_power_iteration_on_the_convolution():
+    torch.manual_seed(2)
+    for norm in ("frobenius", "operator"):
+        conv = NormalizedConv2d(4, lam=1.5, norm=norm).double()
+        size = (8, 8)
+        bound = float(conv.operator_norm(size).detach())
+        z = torch.randn(3, 4, *size, dtype=torch.double)
+        power = local_lipschitz(conv, z, iters=500)  # the map is linear: its norm at any z, per image
+        assert float(power.max()) <= bound * (1 + 1e-9)
+        assert float(power.max()) >= 0.9 * bound  # the enlarged-grid bound is tight in practice
+        if norm == "operator":
+            assert bound == pytest.approx(1 / 1.5, rel=1e-4)
+    cell = ConvSoftplusCell(4, lam=1.5, norm="operator").double()
+    layer = DEQ(cell, tol=1e-10, max_iter=300)
+    u = 40.0 + torch.rand(2, 4, *size, dtype=torch.double)
+    d = layer_depth(layer, u, torch.zeros_like(u), power_iters=300)
+    assert d["contraction"] == pytest.approx(float(local_lipschitz(cell.conv, u, iters=300).mean()), rel=1e-6)
+
+
+def test_record_layer_inputs_caps_rows_and_removes_its_hooks():
+    model = build_energy_mlp(3, variant="deq", width=8, depth=1, deq=DEQSettings(), train=torch.randn(10, 3))
+    layer = model.deq
+    seen = record_layer_inputs(model, lambda: [model(torch.randn(40, 3)) for _ in range(3)], max_rows=100)
+    x, z0 = seen["net.deq"]
+    assert x.shape == (100, 8) and z0.shape == (100, 8) and not x.requires_grad
+    assert not layer._forward_pre_hooks
+
+
+_SSM = get_loss("ssm")
+
+
+def _ssm(model, x):
+    torch.manual_seed(0)  # the same projections for every call
+    return _SSM(model, x)
+
+
+def test_effective_depth_of_a_deq_model_and_nothing_for_an_explicit_one():
+    torch.manual_seed(0)
+    train = torch.randn(64, 3)
+    deq = build_energy_mlp(3, variant="deq", width=16, depth=1, deq=DEQSettings(), train=train)
+    out = effective_depth(deq, _ssm, train)
+    assert set(out) == set(DEPTH_KEYS)
+    assert 0 < out["deq_contraction"] <= out["deq_weight_norm"] + 1e-6 < 1
+    assert 0.99 < out["deq_grad_cosine"] <= 1 + 1e-9  # phantom K = 2 at a weak contraction: nearly exact
+    explicit = build_energy_mlp(3, variant="explicit", width=16, depth=2, deq=DEQSettings(), train=train)
+    assert effective_depth(explicit, _ssm, train) == {} and depth_probe(explicit, _ssm, train) == {}
+
+
+def test_backward_cosine_is_exact_for_implicit_and_improves_with_phantom_steps():
+    torch.manual_seed(0)
+    train = torch.randn(32, 3, dtype=torch.double)
+    settings = DEQSettings(norm="spectral", lam=1.05, tol=1e-10, max_iter=200)
+    model = build_energy_mlp(3, variant="deq", width=12, depth=1, deq=settings, train=train.float()).double()
+    cosines = []
+    for k in (1, 8):
+        model.deq.set_backward("phantom", k)
+        cosines.append(backward_cosine(model, _ssm, train))
+    assert cosines[0] < cosines[1] <= 1 + 1e-12
+    model.deq.set_backward("implicit")
+    assert backward_cosine(model, _ssm, train) == 1.0
+    assert model.deq.backward == "implicit"  # the layer's own mode is restored
+
+
+def test_the_probe_leaves_the_random_state_and_the_training_mode_alone():
+    torch.manual_seed(3)
+    model = build_energy_mlp(2, variant="deq", width=8, depth=1, deq=DEQSettings(), train=torch.randn(10, 2))
+    model.train()
+    x = torch.randn(16, 2)
+    state = torch.random.get_rng_state()
+    depth_probe(model, _ssm, x)
+    assert torch.equal(state, torch.random.get_rng_state()) and model.training
