@@ -13,8 +13,11 @@ and ``<results>/benchmarks/memory_depth.jsonl`` (bench). Writes, under ``--out-d
 - ``tables/<experiment>.md`` / ``.csv``: one row per variant, headed by the model family's headline metric
   (its mean over seeds ± the standard error across them), then peak memory
   and what it counts, ms per step, parameters, solver steps and residual, ...; ``tables/fidelity.md`` / ``.csv``;
+- ``tables/<experiment>_depth.csv``: the effective depth of each DEQ variant (contraction, ‖Ŵ‖₂, iterations,
+  depth gain, gradient cosine; :mod:`pipelines.reporting.depth`), when metrics.json has them;
 - ``figures/``: ``memory_depth.png``, ``memory_iters.png``, ``training_<experiment>.png``,
-  ``residual_<experiment>.png``, ``tuning_<experiment>.png`` (tune trials: metric vs searched values), ``fidelity.png``;
+  ``residual_<experiment>.png``, ``tuning_<experiment>.png`` (tune trials: metric vs searched values), ``fidelity.png``,
+  ``depth_<experiment>.png`` (the headline metric against the DEQs' contraction, when measured);
 - ``plots/``: the figures' data as CSV for ``dvc plots`` and ``memory_depth.jsonl`` (the benchmark rows used);
 - ``REPORT.md``: all of it, with a "what to conclude / caveats" section computed from the numbers (verdicts:
   Welch's t on the means over seeds) and a convergence table per experiment;
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.artifacts import Artifacts
+from pipelines.reporting.depth import DEPTH_COLUMNS, depth_figure, depth_rows
 from pipelines.reporting.figures import experiment_figures, fidelity_figure, memory_figures, tuning_figure
 from pipelines.reporting.findings import caveats, experiment_findings, fidelity_findings, memory_findings
 from pipelines.reporting.inputs import ExperimentData, ReportError, read_experiment, read_memory_bench
@@ -134,12 +138,15 @@ def run_report(settings: Settings, params: Path, root: Path | None = None, memor
     check_store(settings.tracking_uri(artifacts.root), settings.tracking.timeout)  # before anything is written
 
     started = time.time()
-    all_rows, tables = {}, {}
+    all_rows, tables, depth_csvs = {}, {}, {}
     for data in datas:
         rows = all_rows[data.name] = table_rows(data)
         write_csv(artifacts.tables / f"{data.name}.csv", rows, CSV_COLUMNS)
         tables[data.name] = experiment_table_md(data, rows)
         (artifacts.tables / f"{data.name}.md").write_text(f"# {data.name}\n\n{tables[data.name]}")
+        if depth := depth_rows(data):  # DEQ variants measured for effective depth
+            depth_csvs[data.name] = [artifacts.tables / f"{data.name}_depth.csv"]
+            write_csv(depth_csvs[data.name][0], depth, DEPTH_COLUMNS)
     fid_rows = fidelity_table_rows(fidelity)
     write_csv(artifacts.tables / "fidelity.csv", fid_rows, FIDELITY_COLUMNS)
     fidelity_md = fidelity_table_md(fid_rows)
@@ -151,6 +158,8 @@ def run_report(settings: Settings, params: Path, root: Path | None = None, memor
         figures[data.name] = experiment_figures(artifacts, data, settings.deq.tol)
         if (tuning := tuning_figure(artifacts, data, settings.tune.metric)) is not None:
             figures[data.name].append(tuning)
+        if (depth_png := depth_figure(artifacts, data)) is not None:
+            figures[data.name].append(depth_png)
     figures["fidelity"] = [fidelity_figure(artifacts, fidelity)]
 
     bench_lines, bench_numbers = memory_findings(bench)
@@ -173,7 +182,8 @@ def run_report(settings: Settings, params: Path, root: Path | None = None, memor
     common = [report, artifacts.tables / "fidelity.md", artifacts.tables / "fidelity.csv",
               *figures["memory"], *figures["fidelity"], artifacts.plots / "memory_depth.csv"]
     per_exp = {d.name: [artifacts.tables / f"{d.name}.md", artifacts.tables / f"{d.name}.csv", *figures[d.name],
-                        *sample_grids(artifacts, d), artifacts.fidelity(d.name)] for d in datas}
+                        *sample_grids(artifacts, d), artifacts.fidelity(d.name), *depth_csvs.get(d.name, [])]
+               for d in datas}
     run_ids = log_to_mlflow(artifacts, settings, datas, numbers, common, per_exp, tags,
                             {"report.params": params.name, "report.memory_source": bench.source})
     log(f"done in {time.perf_counter() - t0:.1f} s")

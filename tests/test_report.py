@@ -5,6 +5,7 @@ numbers, artifacts are logged, and missing inputs fail with errors that name the
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from deqsm.experiments import VariantSpec, train_model
 from deqsm.train import TrainSettings
 from pipelines import bench, fidelity, report
 from pipelines.artifacts import Artifacts, save_model
-from pipelines.reporting import inputs, tables
+from pipelines.reporting import depth, inputs, tables
 from pipelines.seeds import aggregate
 from pipelines.settings import load_params
 
@@ -339,3 +340,70 @@ def test_files_of_a_dropped_experiment_are_pruned(built, tmp_path, monkeypatch):
     assert not any(p.exists() for p in stale)
     for name in ("tables/toy.md", "figures/training_toy.png", "plots/memory_depth.csv"):
         assert (root / "pruned" / name).stat().st_size > 0, name
+
+
+DEPTH_SEEDS = {  # per seed: test_loglik and the evaluate stage's effective-depth metrics of a DEQ
+    "deq": {0: {"test_loglik": -2.30, "deq_contraction": 0.12, "deq_weight_norm": 0.90, "deq_iterations": 6.0,
+                "deq_depth_gain": 0.02, "deq_grad_cosine": 0.99},
+            1: {"test_loglik": -2.40, "deq_contraction": 0.18, "deq_weight_norm": 0.95, "deq_iterations": 8.0,
+                "deq_depth_gain": 0.04, "deq_grad_cosine": 0.97}},
+    "deq-deep": {0: {"test_loglik": -2.20, "deq_contraction": 0.80, "deq_weight_norm": 1.10, "deq_iterations": 20.0,
+                     "deq_depth_gain": 0.40, "deq_grad_cosine": 0.90}},
+}
+
+
+def test_effective_depth_table_and_figure(built, tmp_path, monkeypatch):
+    """metrics.json with the deq_* keys (two seeds of `deq`, one of a variant not in params.yaml) and plain
+    explicit variants: a depth table of the DEQs only, the verdicts, a CSV and the figure."""
+    root, settings = built
+    shutil.copytree(root / "results", tmp_path / "results")
+    exp = tmp_path / "results/experiments/toy"
+    per_seed = {v: {s: {**METRICS["deq"], **m} for s, m in by_seed.items()} for v, by_seed in DEPTH_SEEDS.items()}
+    per_seed["explicit-2"] = {0: METRICS["explicit-2"], 1: {**METRICS["explicit-2"], "test_loglik": -2.6}}
+    per_seed["explicit-4"] = {0: METRICS["explicit-4"]}
+    (exp / "metrics.json").write_text(json.dumps({v: aggregate(by_seed) for v, by_seed in per_seed.items()}))
+    (exp / "seeds.json").write_text(json.dumps({v: {str(s): m for s, m in by_seed.items()}
+                                                for v, by_seed in per_seed.items()}))
+    for variant, by_seed in per_seed.items():
+        for seed in by_seed:
+            write_curve(exp / "curves" / variant / f"seed{seed}.csv", deq=variant.startswith("deq"))
+    monkeypatch.chdir(tmp_path)
+    other = settings.model_copy(update={"tracking": settings.tracking.model_copy(
+        update={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})})
+    out = report.run_report(other, root / "params.yaml", tmp_path)
+
+    text = out["report"].read_text()
+    section = text[text.index("### Effective depth"):text.index("### Convergence")]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in section.splitlines() if line.startswith("| ") and not line.startswith("| variant")}
+    assert list(rows) == ["deq", "deq-deep"]  # explicit variants have no row
+    # means over the two seeds ± the standard error across them (stdev / √2)
+    assert rows["deq"] == ["0.150 ± 0.030", "0.925 ± 0.025", "7.0 ± 1.0", "0.030 ± 0.010", "0.9800 ± 0.0100"]
+    assert rows["deq-deep"] == ["0.800", "1.100", "20.0", "0.400", "0.9000"]  # one seed: no se
+    assert ("`deq` is close to a one-layer network (contraction 0.150, its fixed point within 3.0% of one cell"
+            in section)
+    assert "`deq-deep` is deeper than one layer (contraction 0.800, its fixed point 40.0% from one cell" in section
+    assert "Depth gain: ‖z* − f(z₀, x)‖ / ‖z*‖" in section
+    assert "![quality against contraction](figures/depth_toy.png)" in section
+    assert text.index("### Effective depth") > text.index("| deq (DEQ)")  # below the experiment's main table
+    png = (tmp_path / "results/figures/depth_toy.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
+    with open(tmp_path / "results/tables/toy_depth.csv") as f:
+        csv_rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert list(csv_rows) == ["deq", "deq-deep"]
+    assert float(csv_rows["deq"]["deq_contraction"]) == pytest.approx(0.15)
+    assert float(csv_rows["deq"]["deq_contraction_se"]) == pytest.approx(0.03)
+    assert csv_rows["deq-deep"]["deq_depth_gain_se"] == "" and csv_rows["deq-deep"]["n_seeds"] == "1"
+    data = inputs.read_experiment(Artifacts.of(other, tmp_path), other, "toy")
+    assert sorted(depth.seed_points(data, "deq", "test_loglik")) == [(0.12, -2.3), (0.18, -2.4)]
+
+
+def test_results_without_depth_metrics_have_no_depth_table(built):
+    root, _ = built
+    text = (root / "results/REPORT.md").read_text()
+    assert "## toy" in text and "Effective depth" not in text and "quality against contraction" not in text
+    assert not (root / "results/figures/depth_toy.png").exists()
+    assert not (root / "results/tables/toy_depth.csv").exists()
+    data = inputs.read_experiment(Artifacts.of(load_params(root / "params.yaml"), root),
+                                  load_params(root / "params.yaml"), "toy")
+    assert depth.depth_rows(data) == [] and depth.depth_table_md([]) == ""

@@ -50,6 +50,9 @@ def test_fit_lowers_the_loss_and_reports_metrics():
         assert key in step_metrics
     assert result.peak_bytes > 0 and result.memory_kind == "autograd_saved_bytes"
     assert result.best_val_loss == min(e["val_loss"] for _, e in rec.evals)
+    for _, ev in rec.evals:  # the DEQ's effective depth at each evaluation (deqsm.depth), also in the history
+        assert 0 < ev["deq_contraction"] < 1 and ev["deq_iterations"] >= 1 and 0 <= ev["deq_depth_gain"] < 1
+    assert all("deq_contraction" in h for h in result.history)
 
 
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
@@ -85,13 +88,15 @@ def test_every_evaluation_uses_the_same_random_draws():
     assert abs(a - b) > 1e-4
 
 
-def test_training_does_not_depend_on_when_it_evaluates():
-    """Evaluations take their draws from their own seed and leave the training stream's random state alone."""
+@pytest.mark.parametrize("variant", ["explicit", "deq"])
+def test_training_does_not_depend_on_when_it_evaluates(variant):
+    """Evaluations (and a DEQ's depth probe) take their draws from their own seed and leave the training stream's
+    random state alone."""
     data = gaussian_data()
     trained = []
     for every in (5, 7):
         torch.manual_seed(0)
-        model = ExplicitEnergyMLP(3, 8, 2)
+        model = ExplicitEnergyMLP(3, 8, 2) if variant == "explicit" else DEQEnergyMLP(3, 8, backward="phantom")
         fit(model, objective, data, data[:64], settings(steps=20, eval_every=every))
         trained.append(model.state_dict())
     for k, v in trained[0].items():

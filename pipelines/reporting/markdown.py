@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.artifacts import Artifacts, write_atomic
+from pipelines.reporting.depth import depth_section_md
 from pipelines.reporting.inputs import MEMORY_KINDS, MIB, ExperimentData, MemoryBench
 from pipelines.reporting.tables import DASH, fmt, loss_label, md_table
 from pipelines.reporting.convergence import convergence_table_md, experiment_convergence
@@ -79,6 +80,7 @@ def write_report(artifacts: Artifacts, s: Settings, params: Path, datas: list[Ex
                f"Dataset `{data.spec.dataset}`, model `{data.spec.model}`, loss `{loss_label(data.spec)}`; "
                f"table also as [CSV](tables/{data.name}.csv), metrics from "
                f"`{artifacts.rel(artifacts.metrics(data.name))}`.\n", tables[data.name],
+               *depth_section_md(artifacts, data, figures.get(data.name, [])),
                "### Convergence\n", convergence_table_md(experiment_convergence(data)) + "\n",
                f"![training curves]({artifacts.rel(artifacts.figures / f'training_{data.name}.png')})\n",
                f"![solver residual]({artifacts.rel(artifacts.figures / f'residual_{data.name}.png')})\n",
