@@ -128,12 +128,14 @@ def depth_probe(model: nn.Module, objective: Objective, x: Tensor, *, power_iter
     layers (each the mean over layers) at the inputs they receive when ``objective`` is evaluated on ``x``;
     ``{}`` for a model without DEQ layers. Cheap enough for every evaluation during training (one objective
     evaluation, one solve and ``power_iters`` pairs of VJPs of one cell per layer). The objective's own random
-    draws use ``seed`` and leave the caller's random state as it was."""
+    draws use ``seed`` and leave the caller's random state as it was. It runs in training mode, as the DEQ is
+    trained (a VAE's evaluation-mode objective is its bound, which never calls the score network); the model's
+    mode is restored."""
     layers = dict(deq_layers(model))
     if not layers:
         return {}
     was_training = model.training
-    model.eval()
+    model.train()
     try:
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -160,5 +162,10 @@ def effective_depth(model: nn.Module, objective: Objective, x: Tensor, *, grad_r
 
     out = depth_probe(model, objective, x, power_iters=power_iters, seed=seed)
     if out:
-        out["deq_grad_cosine"] = backward_cosine(model, objective, x[:grad_rows], seed=seed)
+        was_training = model.training
+        model.train()  # the training objective's gradient (see depth_probe)
+        try:
+            out["deq_grad_cosine"] = backward_cosine(model, objective, x[:grad_rows], seed=seed)
+        finally:
+            model.train(was_training)
     return out

@@ -138,3 +138,17 @@ def test_the_probe_leaves_the_random_state_and_the_training_mode_alone():
     state = torch.random.get_rng_state()
     depth_probe(model, _ssm, x)
     assert torch.equal(state, torch.random.get_rng_state()) and model.training
+
+
+def test_a_vae_score_network_is_measured_though_its_evaluation_objective_never_calls_it():
+    """The VAE's evaluation-mode objective is its bound (no score network): the probe runs the training objective."""
+    from deqsm.models.vae import build_vae, vae_objective
+
+    torch.manual_seed(0)
+    train = (torch.rand(64, 16) > 0.5).float()
+    model = build_vae(16, variant="deq", width=16, depth=1, deq=DEQSettings(), train=train, z_dim=2, hidden_width=16,
+                      val_elbo_samples=4)
+    model.eval()
+    out = effective_depth(model, vae_objective("ssm_vr", {}, train), train)
+    assert set(out) == set(DEPTH_KEYS) and 0 < out["deq_contraction"] < 1 and out["deq_grad_cosine"] > 0.9
+    assert not model.training
