@@ -104,6 +104,11 @@ def test_tiny_tune_against_the_server_compares_deq_with_explicit(mlflow_server, 
             assert r.data.metrics["peak_bytes"] > 0 and r.data.metrics["step_ms_median"] > 0
     assert "solver_nstep_mean" in by_variant["deq"][0].data.metrics
     assert "solver_nstep_mean" not in by_variant["explicit-2"][0].data.metrics
+    # the DEQ's effective depth at each evaluation, as the trial's step metrics (deqsm.depth)
+    contraction = client.get_metric_history(by_variant["deq"][0].info.run_id, "deq_contraction")
+    assert len(contraction) >= 1 and all(0 < m.value < 1 for m in contraction)
+    assert by_variant["deq"][0].data.metrics["deq_iterations"] >= 1
+    assert "deq_contraction" not in by_variant["explicit-2"][0].data.metrics
     best = json.loads((tmp_path / "out" / "tune" / "dkef-mixture" / "best.json").read_text())
     assert best["best"]["deq"]["metrics"]["val_loss"] == min(r.data.metrics["val_loss"] for r in by_variant["deq"])
     # the parent run sums its trials up: the best val_loss per variant and over all
@@ -268,6 +273,11 @@ def test_train_and_evaluate_runs_carry_seeds_datasets_models_and_honest_metric_n
         assert m["test/loglik_mean"] == pytest.approx(sum(values) / 2) == metrics_json[variant]["test_loglik_mean"]
         assert m["test/loglik_se_seeds"] == pytest.approx(abs(values[0] - values[1]) / 2)
         assert "model/params_mean" in m and metrics_json[variant]["seeds"] == [0, 1]
+        if variant == "deq":  # its effective depth on test rows (deqsm.depth), in metrics.json and MLflow
+            assert 0 < m["test/deq_contraction_mean"] == metrics_json["deq"]["deq_contraction_mean"] < 1
+            assert metrics_json["deq"]["deq_grad_cosine_mean"] > 0.9
+        else:
+            assert "test/deq_contraction_mean" not in m and "deq_contraction_mean" not in metrics_json[variant]
         assert parent.data.metrics[f"best/{variant}/val_loss"] == pytest.approx(m["best_val_loss_mean"])
     # the same seeds trained in this process (workers 1) give the same weights as in the worker processes
     import torch
