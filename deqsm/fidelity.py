@@ -7,7 +7,8 @@ s(x) = −∇ₓE(x) itself (phantom steps change the forward output slightly, n
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -46,12 +47,22 @@ def _score(model: nn.Module, x: Tensor) -> Tensor | None:
     return -torch.autograd.grad(e.sum(), x)[0]
 
 
+@contextmanager
+def _restored_backward(layers: list[DEQ]) -> Iterator[None]:
+    """Within: switch the layers' backward modes at will; after: each layer's own mode and K again."""
+    saved = [(m.backward, m.k) for m in layers]
+    try:
+        yield
+    finally:
+        for m, (backward, k) in zip(layers, saved):
+            m.set_backward(backward, k)
+
+
 def gradient_fidelity(model: nn.Module, objective: Callable[[nn.Module, Tensor], LossOutput], x: Tensor,
                       ks: Sequence[int] = (1, 2, 4, 8), seed: int = 0) -> list[dict[str, float]]:
     """One row per K: cosine(phantom-K gradient, exact gradient), their relative error, score error."""
     layers = _deq_layers(model)
-    saved = [(m.backward, m.k) for m in layers]
-    try:
+    with _restored_backward(layers):
         for m in layers:
             m.set_backward("implicit")
         exact = _flat_grad(model, objective, x, seed)
@@ -69,9 +80,6 @@ def gradient_fidelity(model: nn.Module, objective: Callable[[nn.Module, Tensor],
                 row["score_rel_error"] = float((score - exact_score).norm() / exact_score.norm().clamp_min(1e-30))
             rows.append(row)
         return rows
-    finally:
-        for m, (backward, k) in zip(layers, saved):
-            m.set_backward(backward, k)
 
 
 def backward_cosine(model: nn.Module, objective: Callable[[nn.Module, Tensor], LossOutput], x: Tensor,
@@ -83,12 +91,8 @@ def backward_cosine(model: nn.Module, objective: Callable[[nn.Module, Tensor], L
     if all(m.backward == "implicit" for m in layers):
         return 1.0
     trained = _flat_grad(model, objective, x, seed)
-    saved = [(m.backward, m.k) for m in layers]
-    try:
+    with _restored_backward(layers):
         for m in layers:
             m.set_backward("implicit")
         exact = _flat_grad(model, objective, x, seed)
-    finally:
-        for m, (backward, k) in zip(layers, saved):
-            m.set_backward(backward, k)
     return float(torch.nn.functional.cosine_similarity(trained, exact, dim=0))

@@ -222,7 +222,6 @@ def fit(
     gen = torch.Generator(device="cpu").manual_seed(settings.seed)
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     ckpt_every = settings.checkpoint_every or settings.eval_every
-    has_deq = any(isinstance(m, DEQ) for m in model.modules())
 
     step = 0
     perm = torch.randperm(train.shape[0], generator=gen)
@@ -332,9 +331,8 @@ def fit(
                 ev = {f"val_{k}": v for k, v in validation_loss(model, objective, data, settings.batch_size,
                                                                settings.eval_batches,
                                                                settings.seed + VAL_SEED_OFFSET).items()}
-                if has_deq:  # how deep the DEQ is now: contraction, iterations (deqsm.depth), on one batch
-                    ev.update(depth_probe(model, objective, data[:settings.batch_size],
-                                          seed=settings.seed + VAL_SEED_OFFSET))
+                # a DEQ's contraction, iterations and depth gain now (deqsm.depth; nothing for an explicit model)
+                ev.update(depth_probe(model, objective, data[:settings.batch_size], seed=settings.seed + VAL_SEED_OFFSET))
                 ev["step"] = float(step)
                 history.append(ev)
                 if ev["val_loss"] < best_val:  # the weights to restore: the lowest loss, however small the gain
