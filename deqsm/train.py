@@ -332,7 +332,8 @@ def fit(
                                                                settings.eval_batches,
                                                                settings.seed + VAL_SEED_OFFSET).items()}
                 # a DEQ's contraction, iterations and depth gain now (deqsm.depth; nothing for an explicit model)
-                ev.update(depth_probe(model, objective, data[:settings.batch_size], seed=settings.seed + VAL_SEED_OFFSET))
+                ev.update(depth_probe(model, objective, data[:settings.batch_size],
+                                      seed=settings.seed + VAL_SEED_OFFSET))
                 ev["step"] = float(step)
                 history.append(ev)
                 if ev["val_loss"] < best_val:  # the weights to restore: the lowest loss, however small the gain
