@@ -28,6 +28,8 @@ class DEQSettings(Strict):
     stop_mode: Literal["abs", "rel"] = "abs"
     lam: float = Field(2.0, gt=1, description="weight normalisation λ (> 1 for a contraction)")
     norm: str = "frobenius"
+    gain: Literal["fixed", "learned"] = Field("fixed", description=(
+        "the normalised weight's scale: 1/λ (fixed), or sigmoid(g)/λ with g learned, in (0, 1/λ)"))
     adjoint_tol: float | None = Field(None, gt=0)
     adjoint_max_iter: int | None = Field(None, ge=1)
 

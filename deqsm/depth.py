@@ -12,7 +12,7 @@ application of the cell, f(z₀, x) — a one-hidden-layer net. For each DEQ lay
 - ``iterations``: forward solver iterations to the layer's tolerance from its usual start z₀;
 - ``depth_gain``: ‖z* − f(z₀, x)‖ / ‖z*‖ per row, averaged: how far the equilibrium is from one cell step
   (0: the DEQ is a one-layer net);
-- ``grad_cosine`` (whole model, :func:`effective_depth` only): cosine of the loss's parameter gradient under
+- ``grad_cosine`` (whole model, :func:`effective_depth` and :func:`grad_cosine`): cosine of the loss's parameter gradient under
   the layers' own backward mode with the exact implicit one (:func:`deqsm.fidelity.backward_cosine`).
 
 Every cell here acts on each batch row (each image) independently, which the per-row power iteration assumes.
@@ -154,18 +154,25 @@ def depth_probe(model: nn.Module, objective: Objective, x: Tensor, *, power_iter
     return out
 
 
+def grad_cosine(model: nn.Module, objective: Objective, x: Tensor, *, seed: int = 0) -> float:
+    """:func:`deqsm.fidelity.backward_cosine` on the rows ``x`` in training mode (see :func:`depth_probe`), with the
+    objective's draws from ``seed`` and the caller's random state and the model's mode left as they were."""
+    from deqsm.fidelity import backward_cosine
+
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            return backward_cosine(model, objective, x, seed=seed)
+    finally:
+        model.train(was_training)
+
+
 def effective_depth(model: nn.Module, objective: Objective, x: Tensor, *, grad_rows: int = 64, power_iters: int = 30,
                     seed: int = 0) -> dict[str, float]:
     """:func:`depth_probe` on the rows ``x`` and ``deq_grad_cosine`` on the first ``grad_rows`` of them: every
     key of :data:`DEPTH_KEYS` for a model with DEQ layers, ``{}`` for one without."""
-    from deqsm.fidelity import backward_cosine
-
     out = depth_probe(model, objective, x, power_iters=power_iters, seed=seed)
     if out:
-        was_training = model.training
-        model.train()  # the training objective's gradient (see depth_probe)
-        try:
-            out["deq_grad_cosine"] = backward_cosine(model, objective, x[:grad_rows], seed=seed)
-        finally:
-            model.train(was_training)
+        out["deq_grad_cosine"] = grad_cosine(model, objective, x[:grad_rows], seed=seed)
     return out

@@ -33,6 +33,7 @@ Backward modes (``BACKWARDS`` registry):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -75,14 +76,32 @@ NORMALIZATIONS.register("spectral")(spectral_normalize)
 NORMALIZATIONS.register("operator")(spectral_normalize)
 
 
+GAIN_INIT = 0.95  # a learned gain starts at this fraction of its bound 1/λ
+
+
 class CachedNormalization(nn.Module):
     """A layer whose ``weight`` is used normalised: :meth:`normalized_weight` recomputes it under gradients
     and, in a graph-free solve (which calls the cell tens of times with the same weight), computes it once
-    per weight version (and ``size``, when the normalisation depends on the input's shape). The DEQ
-    drops the cache at each forward: weights written through ``.data`` keep their version counter."""
+    per version of the layer's parameters (and ``size``, when the normalisation depends on the input's shape).
+    The DEQ drops the cache at each forward: weights written through ``.data`` keep their version counter.
+
+    Gain: Ŵ = γ · W / ‖W‖ with γ = 1/λ fixed, or (``learn_gain``) γ = sigmoid(g) / λ with g learned, so that
+    training chooses how contractive the layer is while γ stays in (0, 1/λ): a contraction at every step.
+    γ starts at ``GAIN_INIT`` / λ."""
 
     weight: nn.Parameter
+    lam: float
     _cached: tuple[tuple, Tensor] | None = None
+
+    def _init_gain(self, learn_gain: bool) -> None:
+        init = torch.tensor(math.log(GAIN_INIT / (1.0 - GAIN_INIT)))
+        self.register_parameter("gain_logit", nn.Parameter(init) if learn_gain else None)
+
+    def gain(self) -> Tensor:
+        """γ: 1/λ, or sigmoid(g) / λ when learned (a tensor in the graph)."""
+        if self.gain_logit is None:
+            return torch.tensor(1.0 / self.lam)
+        return torch.sigmoid(self.gain_logit) / self.lam
 
     def _compute(self, size: tuple[int, ...] | None) -> Tensor:
         raise NotImplementedError
@@ -97,9 +116,10 @@ class CachedNormalization(nn.Module):
 
     def normalized_weight(self, size: tuple[int, ...] | None = None) -> Tensor:
         w = self.weight
-        if torch.is_grad_enabled() and w.requires_grad:
+        params = list(self.parameters(recurse=False))  # the weight, and the gain when learned
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return self._compute(size)
-        key = (w.data_ptr(), w._version, w.dtype, w.device, self._size_key(size))
+        key = (*((p.data_ptr(), p._version) for p in params), w.dtype, w.device, self._size_key(size))
         if self._cached is None or self._cached[0] != key:
             with torch.no_grad():
                 self._cached = (key, self._compute(size))
@@ -107,9 +127,10 @@ class CachedNormalization(nn.Module):
 
 
 class NormalizedLinear(CachedNormalization):
-    """A bias-free linear map z ↦ Ŵ z with Ŵ = W normalised so that ‖Ŵ‖₂ ≤ 1/λ."""
+    """A bias-free linear map z ↦ Ŵ z with Ŵ = W normalised so that ‖Ŵ‖₂ ≤ 1/λ (times a learned gain in (0, 1]
+    with ``learn_gain``)."""
 
-    def __init__(self, features: int, *, lam: float = 2.0, norm: str = "frobenius") -> None:
+    def __init__(self, features: int, *, lam: float = 2.0, norm: str = "frobenius", learn_gain: bool = False) -> None:
         super().__init__()
         if not lam > 1.0:
             raise ValueError(f"normalisation lambda must be > 1 for a contraction, got {lam}")
@@ -118,9 +139,12 @@ class NormalizedLinear(CachedNormalization):
         self._normalize = NORMALIZATIONS.get(norm)
         self.weight = nn.Parameter(torch.empty(features, features))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self._init_gain(learn_gain)
 
     def _compute(self, size: tuple[int, ...] | None) -> Tensor:
-        return self._normalize(self.weight, self.lam)
+        if self.gain_logit is None:
+            return self._normalize(self.weight, self.lam)
+        return self._normalize(self.weight, 1.0) * self.gain()
 
     def forward(self, z: Tensor) -> Tensor:
         return z @ self.normalized_weight().t()
@@ -132,9 +156,9 @@ class SoftplusCell(nn.Module):
 
     activation = "softplus"  # the name :meth:`DEQ.taped_phantom_steps` records each step's activation under
 
-    def __init__(self, width: int, *, lam: float = 2.0, norm: str = "frobenius") -> None:
+    def __init__(self, width: int, *, lam: float = 2.0, norm: str = "frobenius", learn_gain: bool = False) -> None:
         super().__init__()
-        self.linear = NormalizedLinear(width, lam=lam, norm=norm)
+        self.linear = NormalizedLinear(width, lam=lam, norm=norm, learn_gain=learn_gain)
         self.act = nn.Softplus()
 
     def preactivation(self, z: Tensor, u: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ from torch import nn
 
 from deqsm.schema import Strict
 from deqsm.deq import DEQ
-from deqsm.depth import depth_probe
+from deqsm.depth import deq_layers, depth_probe, grad_cosine
 from deqsm.losses import LossOutput
 from deqsm.metrics.memory import measure_step
 from deqsm.registry import Registry
@@ -68,6 +68,10 @@ class TrainSettings(Strict):
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints (default: eval_every)")
     max_nonconverged_steps: int | None = Field(
         None, ge=1, description="consecutive steps whose DEQ solve missed tol before training stops")
+    grad_cosine_min: float | None = Field(0.99, ge=-1, le=1, description=(
+        "a DEQ model measures, once trained, the cosine of its trained backward's gradient with the exact "
+        "implicit one (train_grad_cosine); below this it warns in the log (train_grad_cosine_low; null: not "
+        "measured)"))
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -104,9 +108,15 @@ class FitResult:
     # min_delta (the plateau rule fired, also when at the last evaluation); False when it ran to the step cap
     # or no patience was set.
     converged: bool = False
+    # a DEQ model's trained-backward gradient cosine with the exact one, at the end (deqsm.depth.grad_cosine), and
+    # whether it fell below train.grad_cosine_min; None: not measured
+    grad_cosine: float | None = None
+    grad_cosine_low: bool | None = None
 
     def summary(self) -> dict[str, float | str]:
-        return {
+        gradient = ({} if self.grad_cosine is None else
+                    {"train_grad_cosine": self.grad_cosine, "train_grad_cosine_low": float(bool(self.grad_cosine_low))})
+        return {**gradient,
             "steps": float(self.steps), "best_val_loss": self.best_val_loss, "best_step": float(self.best_step),
             "stopped_early": float(self.stopped_early), "step_ms_median": self.step_ms_median,
             "peak_bytes": float(self.peak_bytes), "memory_kind": self.memory_kind,
@@ -357,6 +367,16 @@ def fit(
             bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
+    cosine = low = None
+    if settings.grad_cosine_min is not None and deq_layers(model):
+        data = val if val is not None else train
+        cosine = grad_cosine(model, objective, data[:settings.batch_size], seed=settings.seed + VAL_SEED_OFFSET)
+        low = cosine < settings.grad_cosine_min
+        if low:
+            print(f"warning: train_grad_cosine {cosine:.4f} < train.grad_cosine_min {settings.grad_cosine_min:g}: "
+                  "the DEQ trained on an inexact gradient (its backward against the exact implicit one); raise "
+                  "deq.k or use deq.backward: implicit", flush=True)
     warm = step_times[1:] or step_times
     return FitResult(step, best_val, best_step, stopped_early, 1000 * statistics.median(warm) if warm else 0.0,
-                     peak, memory_kind, history, clipped_steps / step if step else 0.0, converged=stopped_early)
+                     peak, memory_kind, history, clipped_steps / step if step else 0.0, converged=stopped_early,
+                     grad_cosine=cosine, grad_cosine_low=low)

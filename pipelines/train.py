@@ -74,6 +74,13 @@ def write_curve_plots(artifacts: Artifacts, name: str, curves: dict[tuple[str, i
         write_csv(artifacts.curve_plot(name, key), ["step", "variant", "seed", key], rows)
 
 
+def grad_cosine_tag(summary: dict[str, Any]) -> dict[str, str]:
+    """``deqsm.grad_cosine_low`` = ``true`` / ``false`` for a DEQ run whose training measured its gradient's cosine
+    with the exact one (train.grad_cosine_min): the MLflow UI can filter the runs trained on an inexact gradient."""
+    low = summary.get("train_grad_cosine_low")
+    return {} if low is None else {"deqsm.grad_cosine_low": "true" if low else "false"}
+
+
 @dataclass(frozen=True)
 class SeedJob:
     """One training: a variant's best configuration with one seed (plain data: it crosses to a worker process)."""
@@ -157,7 +164,7 @@ def train_experiment(settings: Settings, name: str) -> None:
             tracker.log_dataset_inputs(run_id, artifacts.data_root, dataset, ("train", "val"))
             tracker.log_metrics(run_id, {k: v for k, v in summary.items() if not isinstance(v, str)},
                                 step=int(summary["steps"]))
-            tracker.set_tags(run_id, {"memory_kind": str(summary["memory_kind"])})
+            tracker.set_tags(run_id, {"memory_kind": str(summary["memory_kind"]), **grad_cosine_tag(summary)})
             curve_path = artifacts.curve(name, job.variant, job.seed)
             curve.write(curve_path)
             tracker.log_artifact(run_id, curve_path, "curves")

@@ -152,3 +152,71 @@ def test_a_vae_score_network_is_measured_though_its_evaluation_objective_never_c
     out = effective_depth(model, vae_objective("ssm_vr", {}, train), train)
     assert set(out) == set(DEPTH_KEYS) and 0 < out["deq_contraction"] < 1 and out["deq_grad_cosine"] > 0.9
     assert not model.training
+
+
+# ---------------------------------------------------------------------------------------------------
+# A learned gain: Ŵ = sigmoid(g)/λ · W/‖W‖ (deq.gain: learned)
+# ---------------------------------------------------------------------------------------------------
+def test_a_learned_gain_starts_below_its_bound_and_sets_the_spectral_norm():
+    from deqsm.deq import GAIN_INIT, NormalizedLinear
+
+    layer = NormalizedLinear(10, lam=1.05, norm="spectral", learn_gain=True).double()
+    with torch.no_grad():
+        assert float(layer.gain()) == pytest.approx(GAIN_INIT / 1.05)
+        assert float(layer.operator_norm()) == pytest.approx(GAIN_INIT / 1.05, rel=1e-5)
+        layer.gain_logit.fill_(-2.0)  # a new gain (its version changes): the cached weight follows it
+        assert float(layer.operator_norm()) == pytest.approx(float(torch.sigmoid(torch.tensor(-2.0))) / 1.05, rel=1e-5)
+    fixed = NormalizedLinear(10, lam=1.05, norm="spectral")
+    assert fixed.gain_logit is None and [n for n, _ in fixed.named_parameters()] == ["weight"]
+
+
+def test_the_gain_is_trained_and_stays_in_its_bound_at_every_step():
+    """Training moves the gain, and the layer stays a contraction (‖Ŵ‖₂ = γ < 1/λ) after every optimiser step, even
+    at a learning rate that throws the gain logit far."""
+    from deqsm.train import Callback, TrainSettings, fit
+
+    torch.manual_seed(0)
+    settings = DEQSettings(norm="spectral", lam=1.05, gain="learned")
+    model = build_energy_mlp(2, variant="deq", width=16, depth=1, deq=settings, train=torch.randn(8, 2))
+    linear = model.net.deq.cell.linear
+    start = float(linear.gain_logit.detach())
+    norms = []
+
+    class Watch(Callback):
+        def on_step(self, step, metrics):
+            with torch.no_grad():
+                norms.append(float(linear.operator_norm()))
+
+    data = torch.randn(256, 2) * 0.5
+    fit(model, _ssm, data, data[:64], TrainSettings(steps=60, batch_size=64, lr=0.3, eval_every=30, progress=False),
+        [Watch()])
+    assert len(norms) == 60 and max(norms) < 1 / 1.05
+    assert abs(float(linear.gain_logit.detach()) - start) > 0.1  # the gain was learned
+
+
+def test_the_exact_implicit_gradient_reaches_the_gain():
+    """The implicit backward differentiates every parameter of the cell, the gain included: its derivative of a
+    fixed-point functional matches central finite differences (float64)."""
+    torch.manual_seed(0)
+    layer = DEQ(SoftplusCell(6, lam=1.05, norm="spectral", learn_gain=True).double(), backward="implicit",
+                tol=1e-12, max_iter=300)
+    x = torch.randn(4, 6, dtype=torch.double)
+    g = layer.cell.linear.gain_logit
+    (grad,) = torch.autograd.grad(layer(x, torch.zeros_like(x)).pow(2).sum(), g)
+    h = 1e-6
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            g.add_(sign * h)
+            values.append(float(layer(x, torch.zeros_like(x)).pow(2).sum()))
+            g.sub_(sign * h)
+    assert float(grad) == pytest.approx((values[0] - values[1]) / (2 * h), rel=1e-5)
+
+
+def test_a_conv_cell_with_a_learned_gain_is_bounded_by_its_operator_norm():
+    from deqsm.models.conv import NormalizedConv2d
+
+    conv = NormalizedConv2d(3, lam=1.2, norm="operator", learn_gain=True).double()
+    with torch.no_grad():
+        conv.gain_logit.fill_(0.0)  # γ = 0.5 / λ
+        assert float(conv.operator_norm((8, 8))) == pytest.approx(0.5 / 1.2, rel=1e-4)

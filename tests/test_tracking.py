@@ -260,6 +260,10 @@ def test_train_and_evaluate_runs_carry_seeds_datasets_models_and_honest_metric_n
         assert not [k for k in metrics if k.startswith("test/") and k[5:] in ("params", "train_steps", "peak_bytes",
                                                                                "step_ms_median", "steps")]
         assert metrics["test/loglik"] == per_seed[variant][str(seed)]["test_loglik"]
+        if variant == "deq":  # its gradient checked against the exact one once trained (train.grad_cosine_min)
+            assert metrics["train_grad_cosine"] > 0.99 and r.data.tags["deqsm.grad_cosine_low"] == "false"
+        else:
+            assert "train_grad_cosine" not in metrics and "deqsm.grad_cosine_low" not in r.data.tags
         assert r.data.params["train.seed"] == str(seed)
         [output] = r.outputs.model_outputs
         logged = tracker.client.get_logged_model(output.model_id)

@@ -246,3 +246,24 @@ def test_progress_bar_shows_the_plateau_count(capsys):
     fit(Drift(), drift_objective, data, data, drift(min_delta=1e-3, progress=True))
     err = capsys.readouterr().err
     assert "plateau=2/3" in err and "plateau=3/3" not in err  # the bar closes at the stop, before a refresh
+
+
+def test_a_trained_deq_measures_its_gradient_against_the_exact_one_and_warns_when_inexact(capsys):
+    """train.grad_cosine_min: once trained, a DEQ's backward (phantom K) is compared with the exact implicit
+    gradient; below the threshold the run says so in its log and its summary (train_grad_cosine_low)."""
+    data = gaussian_data()
+    torch.manual_seed(0)
+    fine = fit(DEQEnergyMLP(3, 8, backward="phantom"), objective, data, data[:64], settings(steps=20))
+    assert 0.99 < fine.grad_cosine <= 1 + 1e-9 and fine.grad_cosine_low is False
+    assert fine.summary()["train_grad_cosine"] == fine.grad_cosine and fine.summary()["train_grad_cosine_low"] == 0.0
+    assert "warning: train_grad_cosine" not in capsys.readouterr().out
+    torch.manual_seed(0)  # a strong contraction with one phantom step: an inexact gradient
+    strict = settings(steps=20, grad_cosine_min=0.999999)
+    inexact = fit(DEQEnergyMLP(3, 8, backward="phantom", k=1, norm="spectral", lam=1.05), objective, data, data[:64],
+                  strict)
+    assert inexact.grad_cosine < 0.999999 and inexact.grad_cosine_low is True
+    out = capsys.readouterr().out
+    assert f"warning: train_grad_cosine {inexact.grad_cosine:.4f} < train.grad_cosine_min 0.999999" in out
+    off = fit(DEQEnergyMLP(3, 8), objective, data, data[:64], settings(steps=5, grad_cosine_min=None))
+    explicit = fit(ExplicitEnergyMLP(3, 8, 2), objective, data, data[:64], settings(steps=5))
+    assert off.grad_cosine is None and explicit.grad_cosine is None and "train_grad_cosine" not in explicit.summary()

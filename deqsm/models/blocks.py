@@ -103,10 +103,10 @@ class DEQMLP(nn.Module):
     """
 
     def __init__(self, in_dim: int, width: int, out_dim: int, *, lam: float = 2.0, norm: str = "frobenius",
-                 **deq_options) -> None:
+                 learn_gain: bool = False, **deq_options) -> None:
         super().__init__()
         self.inject = nn.Linear(in_dim, width)
-        self.deq = DEQ(SoftplusCell(width, lam=lam, norm=norm), **deq_options)
+        self.deq = DEQ(SoftplusCell(width, lam=lam, norm=norm, learn_gain=learn_gain), **deq_options)
         self.readout = nn.Linear(width, out_dim)
 
     def forward(self, x: Tensor, tape: LayerTape | None = None) -> Tensor:
@@ -132,6 +132,7 @@ VARIANTS.register("explicit")(NetVariant(
     conv=lambda channels, *, depth, deq: ExplicitCore(channels, depth)))
 VARIANTS.register("deq")(NetVariant(
     mlp=lambda in_dim, width, out_dim, *, depth, deq: DEQMLP(in_dim, width, out_dim, lam=deq.lam, norm=deq.norm,
+                                                             learn_gain=deq.gain == "learned",
                                                              **deq.layer_options()),
     conv=lambda channels, *, depth, deq: DEQCore(channels, deq)))
 

@@ -42,7 +42,8 @@ class NormalizedConv2d(CachedNormalization):
     frobenius / spectral (a bound through the flattened kernel), W / (λ (‖W ⋆ ·‖₂ + ε)) for ``operator``
     (:func:`conv_operator_norm` on the input's image size)."""
 
-    def __init__(self, channels: int, kernel_size: int = 3, *, lam: float = 2.0, norm: str = "frobenius") -> None:
+    def __init__(self, channels: int, kernel_size: int = 3, *, lam: float = 2.0, norm: str = "frobenius",
+                 learn_gain: bool = False) -> None:
         super().__init__()
         if not lam > 1.0:
             raise ValueError(f"normalisation lambda must be > 1 for a contraction, got {lam}")
@@ -52,16 +53,22 @@ class NormalizedConv2d(CachedNormalization):
         self._normalize = NORMALIZATIONS.get(norm)
         self.weight = nn.Parameter(torch.empty(channels, channels, kernel_size, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self._init_gain(learn_gain)
 
     def _size_key(self, size: tuple[int, ...] | None) -> tuple[int, ...] | None:
         return size if self.norm == "operator" else None  # the operator norm depends on the image size
 
     def _compute(self, size: tuple[int, ...] | None) -> Tensor:
+        learned = self.gain_logit is not None  # γ = sigmoid(g) / λ instead of 1/λ (CachedNormalization)
         if self.norm == "operator":
             if size is None:
                 raise ValueError("norm 'operator' needs the image size (H, W) the convolution is applied to")
+            if learned:
+                return self.weight / (conv_operator_norm(self.weight, size) + 1e-6) * self.gain()
             return self.weight / (self.lam * (conv_operator_norm(self.weight, size) + 1e-6))
         # The factor k makes the flattened-kernel norm bound the operator norm of the convolution.
+        if learned:
+            return self._normalize(self.weight, self.kernel_size) * self.gain()
         return self._normalize(self.weight, self.lam * self.kernel_size)
 
     def operator_norm(self, size: tuple[int, ...] | None = None) -> Tensor:
@@ -77,9 +84,10 @@ class NormalizedConv2d(CachedNormalization):
 class ConvSoftplusCell(nn.Module):
     """f(z, u) = Softplus(Ŵ ⋆ z + u): the DEQ cell of the NCSN core (a contraction in z)."""
 
-    def __init__(self, channels: int, kernel_size: int = 3, *, lam: float = 2.0, norm: str = "frobenius") -> None:
+    def __init__(self, channels: int, kernel_size: int = 3, *, lam: float = 2.0, norm: str = "frobenius",
+                 learn_gain: bool = False) -> None:
         super().__init__()
-        self.conv = NormalizedConv2d(channels, kernel_size, lam=lam, norm=norm)
+        self.conv = NormalizedConv2d(channels, kernel_size, lam=lam, norm=norm, learn_gain=learn_gain)
 
     def forward(self, z: Tensor, u: Tensor) -> Tensor:
         return F.softplus(self.conv(z) + u)
@@ -102,7 +110,8 @@ class DEQCore(nn.Module):
 
     def __init__(self, channels: int, deq: DEQSettings) -> None:
         super().__init__()
-        self.deq = DEQ(ConvSoftplusCell(channels, lam=deq.lam, norm=deq.norm), **deq.layer_options())
+        self.deq = DEQ(ConvSoftplusCell(channels, lam=deq.lam, norm=deq.norm, learn_gain=deq.gain == "learned"),
+                       **deq.layer_options())
 
     def forward(self, u: Tensor) -> Tensor:
         return self.deq(u, torch.zeros_like(u))
