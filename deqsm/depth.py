@@ -12,8 +12,9 @@ application of the cell, f(z₀, x) — a one-hidden-layer net. For each DEQ lay
 - ``iterations``: forward solver iterations to the layer's tolerance from its usual start z₀;
 - ``depth_gain``: ‖z* − f(z₀, x)‖ / ‖z*‖ per row, averaged: how far the equilibrium is from one cell step
   (0: the DEQ is a one-layer net);
-- ``grad_cosine`` (whole model, :func:`effective_depth` and :func:`grad_cosine`): cosine of the loss's parameter gradient under
-  the layers' own backward mode with the exact implicit one (:func:`deqsm.fidelity.backward_cosine`).
+- ``grad_cosine`` (whole model, :func:`effective_depth` and :func:`grad_cosine`): cosine of the loss's parameter
+  gradient under the layers' own backward mode with the exact implicit one
+  (:func:`deqsm.fidelity.backward_cosine`).
 
 Every cell here acts on each batch row (each image) independently, which the per-row power iteration assumes.
 The layers' inputs (x, z₀) are those of one evaluation of the model's objective on the given rows, recorded by

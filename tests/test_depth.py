@@ -50,7 +50,8 @@ def test_frobenius_normalisation_makes_a_weak_contraction_and_a_one_layer_fixed_
     spectral norm at λ close to 1 is a deeper equilibrium."""
     torch.manual_seed(0)
     x = torch.randn(256, 30)
-    shallow = layer_depth(DEQ(SoftplusCell(30, lam=2.0, norm="frobenius"), tol=1e-4, max_iter=40), x, torch.zeros_like(x))
+    shallow = layer_depth(DEQ(SoftplusCell(30, lam=2.0, norm="frobenius"), tol=1e-4, max_iter=40), x,
+                          torch.zeros_like(x))
     deep = layer_depth(DEQ(SoftplusCell(30, lam=1.05, norm="spectral"), tol=1e-4, max_iter=40), x, torch.zeros_like(x))
     assert shallow["weight_norm"] < 0.25 and shallow["contraction"] <= shallow["weight_norm"] + 1e-6
     assert shallow["depth_gain"] < 0.1 and shallow["iterations"] <= 8

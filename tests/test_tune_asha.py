@@ -143,7 +143,8 @@ def test_a_diverged_trial_is_not_recorded_at_a_rung():
         failed = {"training_iteration": 1, "val_loss": float("inf"), "failed": "TrainingError: nan"}
         assert scheduler.on_trial_result(None, bad, failed) == TrialScheduler.CONTINUE  # it ends by itself
         scheduler.on_trial_complete(None, bad, failed)
-        assert scheduler.on_trial_result(None, good, {"training_iteration": 1, "val_loss": -5.0}) == TrialScheduler.CONTINUE
+        good_result = {"training_iteration": 1, "val_loss": -5.0}
+        assert scheduler.on_trial_result(None, good, good_result) == TrialScheduler.CONTINUE
         assert scheduler.on_trial_result(None, poor, {"training_iteration": 1, "val_loss": -1.0}) == TrialScheduler.STOP
     rungs = scheduler.variant_scheduler("deq")._brackets[0]._rungs
     assert all(float("inf") not in rung[1].values() for rung in rungs)

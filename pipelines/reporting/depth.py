@@ -148,7 +148,8 @@ def depth_figure(artifacts: Artifacts, data: ExperimentData) -> Path | None:
     ax.axvline(1.0, ls=":", color="gray", lw=1)
     ax.set_xlabel("contraction of the DEQ cell at its fixed point (local Lipschitz constant)")
     label = main.label.removesuffix(" ± se")
-    ax.set_ylabel(label if "is better" in label else f"{label} ({'higher' if main.higher_is_better else 'lower'} is better)")
+    direction = "higher" if main.higher_is_better else "lower"
+    ax.set_ylabel(label if "is better" in label else f"{label} ({direction} is better)")
     ax.set_title(f"{data.name}: quality against contraction (band: ±1 se of the explicit mean)", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, depth_figure_path(artifacts, data))
