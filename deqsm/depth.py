@@ -22,7 +22,8 @@ forward pre-hooks (:func:`record_layer_inputs`), so any model family is measured
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -123,6 +124,21 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+@contextmanager
+def _as_trained(model: nn.Module, x: Tensor, seed: int) -> Iterator[None]:
+    """Within: ``model`` in training mode (the objective the DEQ is trained by: a VAE's evaluation-mode objective
+    is its bound, which never calls the score network) and the random state seeded by ``seed``; after: the
+    model's mode and the caller's random state as they were."""
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        model.train(was_training)
+
+
 def depth_probe(model: nn.Module, objective: Objective, x: Tensor, *, power_iters: int = 30,
                 seed: int = 0) -> dict[str, float]:
     """``deq_contraction``, ``deq_weight_norm``, ``deq_iterations`` and ``deq_depth_gain`` of ``model``'s DEQ
@@ -135,17 +151,10 @@ def depth_probe(model: nn.Module, objective: Objective, x: Tensor, *, power_iter
     layers = dict(deq_layers(model))
     if not layers:
         return {}
-    was_training = model.training
-    model.train()
-    try:
-        devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            inputs = record_layer_inputs(model, lambda: objective(model, x))
+    with _as_trained(model, x, seed):
+        inputs = record_layer_inputs(model, lambda: objective(model, x))
         per_layer = [layer_depth(layers[name], xi, zi, power_iters=power_iters, seed=seed)
                      for name, (xi, zi) in inputs.items()]
-    finally:
-        model.train(was_training)
     if not per_layer:
         return {}
     out = {f"deq_{k}": _mean([d[k] for d in per_layer]) for k in ("contraction", "iterations", "depth_gain")}
@@ -160,13 +169,8 @@ def grad_cosine(model: nn.Module, objective: Objective, x: Tensor, *, seed: int 
     objective's draws from ``seed`` and the caller's random state and the model's mode left as they were."""
     from deqsm.fidelity import backward_cosine
 
-    was_training = model.training
-    model.train()
-    try:
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            return backward_cosine(model, objective, x, seed=seed)
-    finally:
-        model.train(was_training)
+    with _as_trained(model, x, seed):
+        return backward_cosine(model, objective, x, seed=seed)
 
 
 def effective_depth(model: nn.Module, objective: Objective, x: Tensor, *, grad_rows: int = 64, power_iters: int = 30,

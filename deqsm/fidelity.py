@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from deqsm.deq import DEQ
+from deqsm.depth import deq_layers
 from deqsm.losses import LossOutput
 
 Tensor = torch.Tensor
 
 
 def _deq_layers(model: nn.Module) -> list[DEQ]:
-    layers = [m for m in model.modules() if isinstance(m, DEQ)]
+    layers = [m for _, m in deq_layers(model)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no DEQ layer: gradient fidelity compares DEQ backward modes")
     return layers
