@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from deqsm.deq import BACKWARDS, NORMALIZATIONS
+from deqsm.deq import BACKWARDS
+from deqsm.normalization import NORMALIZATIONS
 from deqsm.losses import LOSSES
 from deqsm.schema import Strict, known_name
 from deqsm.solvers import SOLVERS, solver_knobs
@@ -32,6 +33,8 @@ class DEQSettings(Strict):
         "the normalised weight's scale: 1/λ (fixed), or sigmoid(g)/λ with g learned, in (0, 1/λ)"))
     adjoint_tol: float | None = Field(None, gt=0)
     adjoint_max_iter: int | None = Field(None, ge=1)
+    adjoint_stop_mode: Literal["abs", "rel"] = Field("rel", description=(
+        "the implicit mode's adjoint solves stop on the residual relative to the solution's norm (rel)"))
 
     @field_validator("solver")
     @classmethod
@@ -58,7 +61,8 @@ class DEQSettings(Strict):
         """Keyword arguments for :class:`deqsm.deq.DEQ`."""
         return dict(solver=self.solver, solver_options=dict(self.solver_options), backward=self.backward,
                     k=self.k, tau=self.tau, tol=self.tol, max_iter=self.max_iter, stop_mode=self.stop_mode,
-                    adjoint_tol=self.adjoint_tol, adjoint_max_iter=self.adjoint_max_iter)
+                    adjoint_tol=self.adjoint_tol, adjoint_max_iter=self.adjoint_max_iter,
+                    adjoint_stop_mode=self.adjoint_stop_mode)
 
 
 class LossSettings(Strict):

@@ -33,7 +33,6 @@ Backward modes (``BACKWARDS`` registry):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -41,6 +40,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from deqsm.normalization import (CachedNormalization, NormalizedLinear, held_normalization, normalization_layers,
+                                 normalization_overrides)
 from deqsm.registry import Registry
 from deqsm.solvers import SolverStats, solve
 
@@ -54,100 +55,6 @@ class Cell(Protocol):
 
     def __call__(self, z: Tensor, x: Tensor) -> Tensor: ...
 
-
-# ---------------------------------------------------------------------------------------------------
-# Weight normalisation (well-posedness: a contractive linear part → a unique fixed point)
-# ---------------------------------------------------------------------------------------------------
-def frobenius_normalize(weight: Tensor, lam: float, eps: float = 1e-6) -> Tensor:
-    """W / (λ (‖W‖_F + ε)), the paper's normalisation; ‖·‖₂ ≤ ‖·‖_F so λ > 1 makes it a contraction."""
-    return weight / (lam * (torch.linalg.matrix_norm(weight.flatten(1), ord="fro") + eps))
-
-
-def spectral_normalize(weight: Tensor, lam: float, eps: float = 1e-6) -> Tensor:
-    """W / (λ (σ_max(W) + ε)), the tightest normalisation (exact σ_max via SVD: costly for large W)."""
-    return weight / (lam * (torch.linalg.matrix_norm(weight.flatten(1), ord=2) + eps))
-
-
-NORMALIZATIONS: Registry[Callable[..., Tensor]] = Registry("weight normalisation")
-NORMALIZATIONS.register("frobenius")(frobenius_normalize)
-NORMALIZATIONS.register("spectral")(spectral_normalize)
-# The layer's exact operator norm: for a matrix its σ_max (as "spectral"); a convolution computes its own
-# (deqsm.models.ncsn.conv_operator_norm) instead of bounding it by the flattened kernel's norm.
-NORMALIZATIONS.register("operator")(spectral_normalize)
-
-
-GAIN_INIT = 0.95  # a learned gain starts at this fraction of its bound 1/λ
-
-
-class CachedNormalization(nn.Module):
-    """A layer whose ``weight`` is used normalised: :meth:`normalized_weight` recomputes it under gradients
-    and, in a graph-free solve (which calls the cell tens of times with the same weight), computes it once
-    per version of the layer's parameters (and ``size``, when the normalisation depends on the input's shape).
-    The DEQ drops the cache at each forward: weights written through ``.data`` keep their version counter.
-
-    Gain: Ŵ = γ · W / ‖W‖ with γ = 1/λ fixed, or (``learn_gain``) γ = sigmoid(g) / λ with g learned, so that
-    training chooses how contractive the layer is while γ stays in (0, 1/λ): a contraction at every step.
-    γ starts at ``GAIN_INIT`` / λ."""
-
-    weight: nn.Parameter
-    lam: float
-    _cached: tuple[tuple, Tensor] | None = None
-
-    def _init_gain(self, learn_gain: bool) -> None:
-        init = torch.tensor(math.log(GAIN_INIT / (1.0 - GAIN_INIT)))
-        self.register_parameter("gain_logit", nn.Parameter(init) if learn_gain else None)
-
-    def gain(self) -> Tensor:
-        """γ: 1/λ, or sigmoid(g) / λ when learned (a tensor in the graph)."""
-        if self.gain_logit is None:
-            return torch.tensor(1.0 / self.lam)
-        return torch.sigmoid(self.gain_logit) / self.lam
-
-    def _compute(self, size: tuple[int, ...] | None) -> Tensor:
-        raise NotImplementedError
-
-    def _size_key(self, size: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        return None  # the normalisation does not depend on the input's shape
-
-    def operator_norm(self, size: tuple[int, ...] | None = None) -> Tensor:
-        """‖Ŵ‖₂ of the map the layer applies (here the normalised weight as a matrix, rows = outputs); a layer
-        whose map is not a plain matrix product (a convolution) computes its own."""
-        return torch.linalg.matrix_norm(self.normalized_weight(size).flatten(1), ord=2)
-
-    def normalized_weight(self, size: tuple[int, ...] | None = None) -> Tensor:
-        w = self.weight
-        params = list(self.parameters(recurse=False))  # the weight, and the gain when learned
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return self._compute(size)
-        key = (*((p.data_ptr(), p._version) for p in params), w.dtype, w.device, self._size_key(size))
-        if self._cached is None or self._cached[0] != key:
-            with torch.no_grad():
-                self._cached = (key, self._compute(size))
-        return self._cached[1]
-
-
-class NormalizedLinear(CachedNormalization):
-    """A bias-free linear map z ↦ Ŵ z with Ŵ = W normalised so that ‖Ŵ‖₂ ≤ 1/λ (times a learned gain in (0, 1]
-    with ``learn_gain``)."""
-
-    def __init__(self, features: int, *, lam: float = 2.0, norm: str = "frobenius", learn_gain: bool = False) -> None:
-        super().__init__()
-        if not lam > 1.0:
-            raise ValueError(f"normalisation lambda must be > 1 for a contraction, got {lam}")
-        self.lam = lam
-        self.norm = norm
-        self._normalize = NORMALIZATIONS.get(norm)
-        self.weight = nn.Parameter(torch.empty(features, features))
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-        self._init_gain(learn_gain)
-
-    def _compute(self, size: tuple[int, ...] | None) -> Tensor:
-        if self.gain_logit is None:
-            return self._normalize(self.weight, self.lam)
-        return self._normalize(self.weight, 1.0) * self.gain()
-
-    def forward(self, z: Tensor) -> Tensor:
-        return z @ self.normalized_weight().t()
 
 
 class SoftplusCell(nn.Module):
@@ -213,6 +120,32 @@ def partial_vjp(fn: Callable[..., Tensor], args: list[Tensor], wrt: list[int], c
     return [torch.zeros_like(args[i]) if g is None else g for i, g in zip(wrt, grads)]
 
 
+class _AdjointMap:
+    """w ↦ g + (∂fn/∂u)ᵀ w at a fixed point u of ``fn``: affine in w, called as ``(w, g, u, *inputs)``.
+
+    Called, it is differentiable in every argument (the backward of the Function that solves it needs that).
+    :meth:`solve_map` gives the graph-free map its solver iterates: it records ``fn``'s graph at u once and
+    takes each iteration's VJP through that graph, since the Jacobian at u does not depend on w (each
+    iteration is then one backward pass, not a forward and a backward)."""
+
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, w: Tensor, g: Tensor, u: Tensor, *inputs: Tensor) -> Tensor:
+        return g + partial_vjp(self.fn, [u, *inputs], [0], w)[0]
+
+    def solve_map(self, g: Tensor, u: Tensor, *inputs: Tensor) -> Callable[[Tensor], Tensor]:
+        with torch.enable_grad():
+            alias = u.detach().requires_grad_(True)
+            out = self.fn(alias, *inputs)
+
+        def step(w: Tensor) -> Tensor:
+            (v,) = torch.autograd.grad(out, alias, w, retain_graph=True, allow_unused=True)
+            return g if v is None else g + v
+
+        return step
+
+
 class _ImplicitFixedPoint(torch.autograd.Function):
     """u* = fn(u*, *inputs), differentiable to any order w.r.t. ``inputs`` (see the module docstring).
 
@@ -220,7 +153,10 @@ class _ImplicitFixedPoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fn, u0, spec: SolveSpec, adjoint_spec: SolveSpec, sink: list, *inputs):  # type: ignore[override]
-        u, stats = spec(lambda u: fn(u, *inputs), u0)
+        # The iterations need no graph to the inputs; an adjoint map reuses one graph across them.
+        detached = [t.detach() for t in inputs]
+        step = fn.solve_map(*detached) if isinstance(fn, _AdjointMap) else (lambda u: fn(u, *detached))
+        u, stats = spec(step, u0)
         sink.append(stats)
         ctx.fn, ctx.adjoint_spec, ctx.sink = fn, adjoint_spec, sink
         ctx.save_for_backward(u, *inputs)
@@ -230,12 +166,9 @@ class _ImplicitFixedPoint(torch.autograd.Function):
     def backward(ctx, grad_u):  # type: ignore[override]
         u, *inputs = ctx.saved_tensors
         fn, spec, sink = ctx.fn, ctx.adjoint_spec, ctx.sink
-
-        def adjoint_map(w: Tensor, g: Tensor, u_: Tensor, *inps: Tensor) -> Tensor:
-            # w ↦ g + (∂fn/∂u)ᵀ w: the partial VJP in u alone, at the saved fixed point.
-            return g + partial_vjp(fn, [u_, *inps], [0], w)[0]
-
-        w = _ImplicitFixedPoint.apply(adjoint_map, grad_u, spec, spec, sink, grad_u, u, *inputs)
+        # w = g + (∂fn/∂u)ᵀ w, solved by this same Function, so its derivative is again an implicit solve.
+        # It starts from g, the first term of its Neumann series.
+        w = _ImplicitFixedPoint.apply(_AdjointMap(fn), grad_u, spec, spec, sink, grad_u, u, *inputs)
         # The partial VJP in the inputs alone (not through u's own dependence on them).
         grads = partial_vjp(fn, [u, *inputs], list(range(1, len(inputs) + 1)), w)
         return (None, None, None, None, None, *grads)
@@ -265,16 +198,33 @@ def unroll_backward(deq: "DEQ", x: Tensor, z0: Tensor, params: dict[str, Tensor]
 
 @BACKWARDS.register("implicit")
 def implicit_backward(deq: "DEQ", x: Tensor, z0: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, SolverStats]:
-    names = list(params)
-    inputs = [x, *params.values()]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+    if not (torch.is_grad_enabled() and (x.requires_grad or params)):
         with torch.no_grad():
             return deq.solve_spec(lambda z: deq.cell(z, x), z0)
-
     cell = deq.cell
+    # A normalised layer enters as its Ŵ, computed once here with its graph to W (and the gain), rather than
+    # as W, which every derivative level would normalise again (an SVD each, for "spectral"). A probe call of
+    # the cell computes each Ŵ at the size it is used at (DEQ.forward holds them: held_normalization).
+    with torch.enable_grad():
+        cell(z0.detach(), x.detach())
+    slots: list[tuple[CachedNormalization, object]] = []
+    hats: list[Tensor] = []
+    for prefix, layer in normalization_layers(cell):
+        if layer._held and set(layer._parameters) <= {"weight", "gain_logit"}:
+            own = {f"{prefix}.{n}" if prefix else n for n in layer._parameters}
+            params = {n: p for n, p in params.items() if n not in own}
+            for skey, hat in layer._held.items():
+                slots.append((layer, skey))
+                hats.append(hat)
+    names = list(params)
+    inputs = [x, *params.values(), *hats]
 
-    def fn(z: Tensor, x_: Tensor, *param_values: Tensor) -> Tensor:
-        return functional_call(cell, dict(zip(names, param_values)), (z, x_))
+    def fn(z: Tensor, x_: Tensor, *values: Tensor) -> Tensor:
+        given: dict[CachedNormalization, dict] = {}
+        for (layer, skey), hat in zip(slots, values[len(names):]):
+            given.setdefault(layer, {})[skey] = hat
+        with normalization_overrides(list(given.items())):
+            return functional_call(cell, dict(zip(names, values[:len(names)])), (z, x_))
 
     sink: list[SolverStats] = []
     deq.backward_stats = sink  # filled by the adjoint solves when a backward pass runs
@@ -295,8 +245,9 @@ class DEQ(nn.Module):
         k, tau: phantom steps and their damping (paper: K = 2, τ = 1).
         tol, max_iter, stop_mode: the forward stopping rule.
         solver_options: the solver's own knobs, e.g. ``{"memory": 5}`` for Anderson.
-        adjoint_solver, adjoint_tol, adjoint_max_iter: the implicit mode's backward solves (default: the
-            forward solver, a tolerance 10× tighter, twice the iterations).
+        adjoint_solver, adjoint_tol, adjoint_max_iter, adjoint_stop_mode: the implicit mode's backward solves
+            (default: the forward solver, a tolerance 10× tighter, twice the iterations, relative: a
+            gradient's scale, e.g. 1/batch, must not decide how exactly it is solved).
         raise_on_nonconvergence: make a solve that misses ``tol`` an error instead of a stat.
 
     After a forward, ``last_stats`` holds the forward solve's :class:`SolverStats`; in implicit mode
@@ -318,6 +269,7 @@ class DEQ(nn.Module):
         adjoint_solver: str | None = None,
         adjoint_tol: float | None = None,
         adjoint_max_iter: int | None = None,
+        adjoint_stop_mode: str = "rel",
         raise_on_nonconvergence: bool = False,
     ) -> None:
         super().__init__()
@@ -336,12 +288,13 @@ class DEQ(nn.Module):
             adj_solver,
             adjoint_tol if adjoint_tol is not None else tol / 10,
             adjoint_max_iter if adjoint_max_iter is not None else 2 * max_iter,
-            stop_mode,
+            adjoint_stop_mode,
             raise_on_nonconvergence,
             knobs if adj_solver == solver else (),
         )
         # Validate the solver name and its knobs now rather than at the first forward.
         self.solve_spec(lambda z: z * 0.0, torch.zeros(1, 1))
+        self.adjoint_spec(lambda z: z * 0.0, torch.zeros(1, 1))
         self.last_stats: SolverStats | None = None
         self.backward_stats: list[SolverStats] = []
 
@@ -377,8 +330,9 @@ class DEQ(nn.Module):
         self._fresh_normalization()
         with torch.no_grad():
             z, self.last_stats = self.solve_spec(lambda z: self.cell(z, x), z0)
-        for _ in range(self.k):
-            z = tape(self.cell.preactivation(z, x), self.cell.activation)
+        with held_normalization(self.cell):
+            for _ in range(self.k):
+                z = tape(self.cell.preactivation(z, x), self.cell.activation)
         return z
 
     def forward(self, x: Tensor, z0: Tensor) -> Tensor:
@@ -390,7 +344,8 @@ class DEQ(nn.Module):
             raise ValueError("DEQ input contains NaN or Inf values")
         self._fresh_normalization()
         params = {n: p for n, p in self.cell.named_parameters() if p.requires_grad}
-        z, stats = self.backward_mode(self, x, z0, params)
+        with held_normalization(self.cell):  # one graph-carrying Ŵ per layer for all of this call
+            z, stats = self.backward_mode(self, x, z0, params)
         self.last_stats = stats
         return z
 

@@ -159,7 +159,7 @@ def test_a_vae_score_network_is_measured_though_its_evaluation_objective_never_c
 # A learned gain: Ŵ = sigmoid(g)/λ · W/‖W‖ (deq.gain: learned)
 # ---------------------------------------------------------------------------------------------------
 def test_a_learned_gain_starts_below_its_bound_and_sets_the_spectral_norm():
-    from deqsm.deq import GAIN_INIT, NormalizedLinear
+    from deqsm.normalization import GAIN_INIT, NormalizedLinear
 
     layer = NormalizedLinear(10, lam=1.05, norm="spectral", learn_gain=True).double()
     with torch.no_grad():

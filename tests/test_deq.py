@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from deqsm.deq import BACKWARDS, DEQ, NormalizedLinear, SoftplusCell, frobenius_normalize, spectral_normalize
+from deqsm.deq import BACKWARDS, DEQ, SoftplusCell
+from deqsm.normalization import NormalizedLinear, frobenius_normalize, spectral_normalize
 from deqsm.losses import get_loss
 from deqsm.registry import UnknownNameError
 
@@ -143,3 +144,83 @@ def test_bad_input():
         deq(torch.tensor([[1.0, float("nan"), 0.0]]), torch.zeros(1, 3))
     with pytest.raises(ValueError, match="batch sizes differ"):
         deq(torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+class ConvEnergyCell(nn.Module):
+    """Softplus(Ŵ ⋆ z + x) with the exact operator norm (size-dependent) and a learned gain."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        from deqsm.models.conv import ConvSoftplusCell
+
+        self.cell = ConvSoftplusCell(channels, lam=1.05, norm="operator", learn_gain=True)
+
+    def forward(self, z, x):
+        return self.cell(z, x)
+
+
+@pytest.mark.parametrize("kind", ["spectral-gain", "conv-operator-gain"])
+def test_implicit_with_normalised_weights_as_inputs_matches_unroll_to_third_order(float64, kind):
+    """The implicit backward feeds each normalised layer in as its Ŵ (computed once, with its graph to W and the
+    gain): energy, score, Hessian-vector product and an SSM-like parameter gradient equal a converged unroll's."""
+    torch.manual_seed(2)
+    if kind == "spectral-gain":
+        cell, shape = SoftplusCell(D, lam=1.05, norm="spectral", learn_gain=True), (B, D)
+    else:
+        cell, shape = ConvEnergyCell(2), (B, 2, 4, 4)
+    x, v = torch.randn(shape), torch.randn(shape)
+
+    def derivs(backward):
+        deq = make(cell, backward)
+        xx = x.detach().requires_grad_(True)
+        z = deq(xx, torch.zeros(shape))
+        e = (0.5 * z**2 + z * xx).flatten(1).sum(1)
+        s = torch.autograd.grad(e.sum(), xx, create_graph=True)[0]
+        hv = torch.autograd.grad((s * v).sum(), xx, create_graph=True)[0]
+        loss = (hv * v).sum() + 0.5 * ((s * v).flatten(1).sum(1) ** 2).sum()
+        grads = torch.autograd.grad(loss, list(cell.parameters()))
+        return e, s, hv, torch.cat([g.flatten() for g in grads])
+
+    for name, a, b in zip(["energy", "score", "hvp", "param grad"], derivs("implicit"), derivs("unroll")):
+        assert rel(a, b) <= 1e-6, name
+
+
+@pytest.mark.parametrize("backward", ["phantom", "implicit", "unroll"])
+def test_a_normalised_weight_is_computed_once_per_training_step(backward, monkeypatch):
+    """Under gradients, a DEQ call computes each layer's Ŵ once, however many times the cell runs (phantom steps,
+    unrolled iterations, the implicit backward's derivative levels): for ``spectral`` each costs an SVD. Graph-free
+    solves use the cache. An SSM step (third order in the implicit mode) computes it at most twice."""
+    from deqsm.normalization import NormalizedLinear as Linear
+
+    calls = []
+    original = Linear._compute
+    monkeypatch.setattr(Linear, "_compute", lambda self, size: calls.append(1) or original(self, size))
+    torch.manual_seed(0)
+    cell = SoftplusCell(8, lam=1.05, norm="spectral")
+    inject = nn.Linear(3, 8)
+    deq = DEQ(cell, backward=backward, k=8, tol=1e-6, max_iter=100)
+    out = get_loss("ssm", generator=torch.Generator().manual_seed(0))(
+        lambda x_: deq(inject(x_), torch.zeros(x_.shape[0], 8)).sum(1), torch.randn(16, 3))
+    out.loss.backward()
+    assert 1 <= len(calls) <= 2, len(calls)
+    assert cell.linear.weight.grad is not None and bool(cell.linear.weight.grad.abs().sum() > 0)
+
+
+def test_adjoint_solves_stop_relative_to_the_gradients_scale(setup):
+    """A loss scaled by 1e-8 (a mean over a large batch, a small loss weight) has a gradient 1e-8 times as large,
+    solved as exactly: the adjoint solves stop on the relative residual by default. Stopping on the absolute
+    residual instead, the same solve stops at once and the gradient is wrong by far more than the tolerance."""
+    cell, x, v = setup
+
+    def scaled_grad(**kw):
+        deq = make(cell, "implicit", tol=1e-6, **kw)
+        z = deq(x, torch.zeros(B, D))
+        loss = 1e-8 * ((z * v).sum() + (z**2).sum())
+        g = torch.autograd.grad(loss, list(cell.parameters()))
+        ref_deq = make(cell, "implicit")
+        zr = ref_deq(x, torch.zeros(B, D))
+        gr = torch.autograd.grad(1e-8 * ((zr * v).sum() + (zr**2).sum()), list(cell.parameters()))
+        return rel(torch.cat([a.flatten() for a in g]), torch.cat([b.flatten() for b in gr]))
+
+    assert scaled_grad() < 1e-5
+    assert scaled_grad(adjoint_stop_mode="abs") > 1e-3

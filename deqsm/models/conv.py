@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from deqsm.config import DEQSettings
-from deqsm.deq import DEQ, NORMALIZATIONS, CachedNormalization
+from deqsm.deq import DEQ
+from deqsm.normalization import NORMALIZATIONS, CachedNormalization
 
 Tensor = torch.Tensor
 
