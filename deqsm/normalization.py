@@ -34,7 +34,7 @@ NORMALIZATIONS: Registry[Callable[..., Tensor]] = Registry("weight normalisation
 NORMALIZATIONS.register("frobenius")(frobenius_normalize)
 NORMALIZATIONS.register("spectral")(spectral_normalize)
 # The layer's exact operator norm: for a matrix its σ_max (as "spectral"); a convolution computes its own
-# (deqsm.models.ncsn.conv_operator_norm) instead of bounding it by the flattened kernel's norm.
+# (deqsm.models.conv.conv_operator_norm) instead of bounding it by the flattened kernel's norm.
 NORMALIZATIONS.register("operator")(spectral_normalize)
 
 

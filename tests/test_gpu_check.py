@@ -24,7 +24,10 @@ def test_gpu_check_runs_on_cpu_without_the_orchestration_stack(tmp_path):
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])["gpu_check"]
-    assert set(summary) == {"memory_depth", "solvers", "training"}
+    assert set(summary) == {"memory_depth", "equal_accuracy", "solvers", "training"}
+    accuracy = summary["equal_accuracy"]
+    assert accuracy["mode"] == "accuracy" and accuracy["implicit_over_phantom_memory"] <= 2.0
+    assert accuracy["implicit_over_phantom_equal_accuracy_time"] > 0 and accuracy["deq_implicit_memory_spread"] <= 0.03
 
     memory = summary["memory_depth"]
     assert memory["memory_kind"] == "autograd_saved_bytes" and memory["device"] == "cpu"

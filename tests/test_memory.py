@@ -55,3 +55,28 @@ def test_counter_ignores_freed_graphs_and_parameters():
         keep = (a @ w).tanh()  # tanh saves its 10×100 float32 output; mm saves a (w is excluded)
         assert c.bytes == 2 * 10 * 100 * 4
     assert keep.requires_grad
+
+
+def test_the_equal_accuracy_benchmark_measures_exact_against_phantom(capsys):
+    """``benchmarks/memory_depth.py --mode accuracy`` at a small size: the cell is deep (contraction measured ≥ 0.8),
+    the exact mode reaches the target error, the phantom K it is compared with is the smallest that does, and the
+    memory ratios that hold on any machine: the exact step's memory ≤ 2× phantom K = 2's and flat in iterations.
+    (Time ratios are machine-dependent: the benchmark reports them, the test only checks they are there.)"""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import memory_depth
+
+    rows = memory_depth.main(["--mode", "accuracy", "--device", "cpu", "--in-dim", "8", "--width", "32",
+                              "--batch", "16", "--repeats", "1", "--ks", "2", "8", "16", "32", "48"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["summary"]
+    assert summary["contraction"] >= 0.8
+    assert summary["implicit_grad_rel_error"] <= summary["target_grad_rel_error"]
+    k = summary["phantom_k_equal_accuracy"]
+    errors = {r["k"]: r["grad_rel_error"] for r in rows if r["variant"].startswith("deq-phantom-")}
+    assert errors[k] <= 1e-4 and all(errors[j] > 1e-4 for j in errors if j < k), errors
+    assert summary["implicit_over_phantom_equal_accuracy_time"] > 0
+    assert summary["implicit_over_phantom_memory"] <= 2.0
+    assert summary["deq_implicit_memory_spread"] <= 0.03
