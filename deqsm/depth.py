@@ -7,8 +7,8 @@ application of the cell, f(z₀, x) — a one-hidden-layer net. For each DEQ lay
 - ``contraction``: the local Lipschitz constant of z ↦ f(z, x) at z*, ‖∂f/∂z(z*, x)‖₂, by power iteration on
   JᵀJ (two vector-Jacobian products per iteration, never the dense Jacobian), per row of the batch, then averaged over rows;
 - ``weight_norm``: the normalised weight's spectral norm ‖Ŵ‖₂ (a convolution's operator norm on the images it
-  is applied to: :meth:`deqsm.normalization.CachedNormalization.operator_norm`). Softplus is 1-Lipschitz, so the
-  contraction is at most this (equal in the linear regime, where Softplus' slope is near 1);
+  is applied to: :meth:`deqsm.normalization.CachedNormalization.operator_norm`). Softplus is 1-Lipschitz, so
+  the contraction is at most this (equal in the linear regime, where Softplus' slope is near 1);
 - ``iterations``: forward solver iterations to the layer's tolerance from its usual start z₀;
 - ``depth_gain``: ‖z* − f(z₀, x)‖ / ‖z*‖ per row, averaged: how far the equilibrium is from one cell step
   (0: the DEQ is a one-layer net);

@@ -19,7 +19,9 @@ from torch import nn
 
 from deqsm.config import DEQSettings, LossSettings
 from deqsm.depth import deq_layers, effective_depth
+from deqsm.floor import FLOOR_LOSSES, DegenerateLossGuard, loss_floor
 from deqsm.losses import get_loss
+from deqsm.metrics.density import true_score_function
 from deqsm.models import MODELS, EvalOptions, ModelFamily
 from deqsm.models.blocks import VARIANTS, count_parameters
 from deqsm.schema import Strict, known_name
@@ -121,12 +123,15 @@ def build(spec: VariantSpec, train: Tensor) -> tuple[nn.Module, Objective]:
     return model, make_objective(spec, train)
 
 
-def finalize(spec: VariantSpec, model: nn.Module, train: Tensor) -> None:
-    """The model's step after training (DKEF: α solved on the whole training set)."""
+def finalize(spec: VariantSpec, model: nn.Module, train: Tensor, val: Tensor | None = None) -> dict[str, float]:
+    """The model's step after training (DKEF: its ridge λ fitted on ``val``, α solved on the whole training set);
+    returns what it chose (empty for a family without one)."""
     family = spec.family
-    if family.finalize is not None:
-        device = next(model.parameters()).device
-        family.finalize(model, spec.loss.name, spec.loss.options, train.to(device))
+    if family.finalize is None:
+        return {}
+    device = next(model.parameters()).device
+    return family.finalize(model, spec.loss.name, spec.loss.options, train.to(device),
+                           None if val is None else val.to(device)) or {}
 
 
 def _check_splits(splits: dict[str, Tensor], needed: tuple[str, ...]) -> None:
@@ -142,15 +147,38 @@ def _check_splits(splits: dict[str, Tensor], needed: tuple[str, ...]) -> None:
         raise ValueError(f"splits disagree on the sample shape: {shapes}")
 
 
+def degenerate_loss_guard(spec: VariantSpec, splits: dict[str, Tensor],
+                          true_density: Any) -> DegenerateLossGuard | None:
+    """The guard of :mod:`deqsm.floor` for a density model trained by a score-matching loss on data with a known
+    score (its floor from 100,000 seeded draws of the true density, or the training rows if it cannot sample); None
+    where no floor is known."""
+    if true_density is None or not spec.family.loss_on_data or spec.loss.name not in FLOOR_LOSSES:
+        return None
+    rows = splits["train"]
+    if hasattr(true_density, "sample"):
+        with torch.random.fork_rng():  # the same draws every time, and the caller's random state left alone
+            torch.manual_seed(0)
+            rows = true_density.sample((100_000,))
+    floor, se = loss_floor(true_score_function(true_density), rows.flatten(1).double())
+    return DegenerateLossGuard(floor, se)
+
+
 def train_model(spec: VariantSpec, splits: dict[str, Tensor], train_settings: TrainSettings,
-                callbacks: list[Callback] | None = None,
-                checkpoint_dir: Path | str | None = None) -> tuple[nn.Module, FitResult]:
-    """Build (seeded by ``train_settings.seed``), fit and finalise; returns the model and the fit result."""
+                callbacks: list[Callback] | None = None, checkpoint_dir: Path | str | None = None,
+                true_density: Any = None) -> tuple[nn.Module, FitResult]:
+    """Build (seeded by ``train_settings.seed``), fit and finalise; returns the model and the fit result. With the
+    data's ``true_density`` (generated data), a score-matching loss below the data's floor flags the run as
+    degenerate (:mod:`deqsm.floor`; ``loss_degenerate`` in the result's summary)."""
     _check_splits(splits, ("train",))
     torch.manual_seed(train_settings.seed)
     model, objective = build(spec, splits["train"])
-    result = fit(model, objective, splits["train"], splits.get("val"), train_settings, callbacks, checkpoint_dir)
-    finalize(spec, model, splits["train"])
+    guard = degenerate_loss_guard(spec, splits, true_density)
+    result = fit(model, objective, splits["train"], splits.get("val"), train_settings,
+                 [*(callbacks or []), *([guard] if guard else [])], checkpoint_dir)
+    chosen = finalize(spec, model, splits["train"], splits.get("val"))
+    result.extra.update({f"final_{k}": float(v) for k, v in chosen.items()})
+    if guard is not None:
+        result.extra.update(guard.summary())
     return model, result
 
 

@@ -112,11 +112,14 @@ class FitResult:
     # whether it fell below train.grad_cosine_min; None: not measured
     grad_cosine: float | None = None
     grad_cosine_low: bool | None = None
+    # figures added after fit (deqsm.experiments.train_model): what the finalise step chose (final_*: DKEF's λ) and
+    # the degenerate-loss guard's verdict (loss_*: deqsm.floor)
+    extra: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float | str]:
         gradient = ({} if self.grad_cosine is None else
                     {"train_grad_cosine": self.grad_cosine, "train_grad_cosine_low": float(bool(self.grad_cosine_low))})
-        return {**gradient,
+        return {**gradient, **self.extra,
             "steps": float(self.steps), "best_val_loss": self.best_val_loss, "best_step": float(self.best_step),
             "stopped_early": float(self.stopped_early), "step_ms_median": self.step_ms_median,
             "peak_bytes": float(self.peak_bytes), "memory_kind": self.memory_kind,

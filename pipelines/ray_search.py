@@ -121,7 +121,7 @@ def _latest_checkpoint(trial_root: str | None, trial_id: str) -> Path | None:
 
 
 def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: dict,
-               trial_root: str | None = None, worst: dict[str, float] | None = None) -> None:
+               trial_root: str | None = None, worst: dict[str, float] | None = None, truth: Any = None) -> None:
     """One trial (runs in a Ray worker): train on the train split, select on the validation split. The test
     split is left to the evaluate stage, so model selection never sees it.
 
@@ -152,7 +152,8 @@ def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: di
     reporter = _TrialReporter(ckpt_dir, device)
     try:
         try:
-            model, fit = train_model(spec, splits, train, callbacks=[reporter, recorder], checkpoint_dir=ckpt_dir)
+            model, fit = train_model(spec, splits, train, callbacks=[reporter, recorder], checkpoint_dir=ckpt_dir,
+                                     true_density=truth)
         except TrainingError as err:
             tune.report({**(worst or {}), "failed": f"{type(err).__module__}.{type(err).__name__}: {err}",
                          "final": 1.0, "device": device, "step": reporter.step})
@@ -204,14 +205,15 @@ class SearchOutcome:
 
 
 def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict], splits: dict,
-               tracker: Tracker, parent_run_id: str, storage: Path) -> SearchOutcome:
-    """Tune one experiment: variants × search space; returns the best trial per variant."""
+               tracker: Tracker, parent_run_id: str, storage: Path, truth: Any = None) -> SearchOutcome:
+    """Tune one experiment: variants × search space; returns the best trial per variant. ``truth``: the data's
+    true density (generated data), for the trials' degenerate-loss guard (:mod:`deqsm.floor`)."""
     ts = settings.tune
     param_space: dict[str, Any] = {"variant_name": tune.grid_search(sorted(base_configs))}
     for key, entry in ts.search_space.items():
         param_space[_key(key)] = to_tune_domain(entry, asha=ts.scheduler == "asha")
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, base_configs=base_configs, splits=splits,
+        tune.with_parameters(_trainable, base_configs=base_configs, splits=splits, truth=truth,
                              trial_root=str((storage / experiment).resolve()),
                              worst={ts.metric: math.inf if ts.mode == "min" else -math.inf}),
         {"cpu": ts.cpus_per_trial, "gpu": ts.gpus_per_trial})

@@ -20,7 +20,7 @@ from typing import Any
 from pipelines.artifacts import MODEL_SUFFIX, Artifacts, load_splits, prune_seeds, save_model, write_atomic
 from pipelines.settings import Settings, main_guard, run_experiment_stage
 from pipelines.trials import flatten
-from pipelines.workers import cached_splits, run_jobs, start_workers, worker_count
+from pipelines.workers import cached_splits, cached_truth, run_jobs, start_workers, worker_count
 
 
 class CurveLogger:
@@ -81,6 +81,13 @@ def grad_cosine_tag(summary: dict[str, Any]) -> dict[str, str]:
     return {} if low is None else {"deqsm.grad_cosine_low": "true" if low else "false"}
 
 
+def degenerate_tag(summary: dict[str, Any]) -> dict[str, str]:
+    """``deqsm.degenerate_loss`` = ``true`` / ``false`` for a run on data with a known score whose score-matching
+    loss was watched against the data's floor (:mod:`deqsm.floor`): the UI can filter the degenerate runs."""
+    flag = summary.get("loss_degenerate")
+    return {} if flag is None else {"deqsm.degenerate_loss": "true" if flag else "false"}
+
+
 @dataclass(frozen=True)
 class SeedJob:
     """One training: a variant's best configuration with one seed (plain data: it crosses to a worker process)."""
@@ -104,7 +111,8 @@ def train_seed(job: SeedJob) -> dict[str, Any]:
 
     curve, solver = CurveLogger(), SolverRecorder()
     model, fit = train_model(VariantSpec(**job.spec), cached_splits(job.data_root, job.dataset),
-                             TrainSettings(**job.train), callbacks=[curve, solver])
+                             TrainSettings(**job.train), callbacks=[curve, solver],
+                             true_density=cached_truth(job.data_root, job.dataset))
     summary = {**fit.summary(), **solver.summary(), "params": float(sum(p.numel() for p in model.parameters()))}
     return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "summary": summary,
             "history": fit.history, "rows": curve.rows}
@@ -164,7 +172,8 @@ def train_experiment(settings: Settings, name: str) -> None:
             tracker.log_dataset_inputs(run_id, artifacts.data_root, dataset, ("train", "val"))
             tracker.log_metrics(run_id, {k: v for k, v in summary.items() if not isinstance(v, str)},
                                 step=int(summary["steps"]))
-            tracker.set_tags(run_id, {"memory_kind": str(summary["memory_kind"]), **grad_cosine_tag(summary)})
+            tracker.set_tags(run_id, {"memory_kind": str(summary["memory_kind"]), **grad_cosine_tag(summary),
+                                      **degenerate_tag(summary)})
             curve_path = artifacts.curve(name, job.variant, job.seed)
             curve.write(curve_path)
             tracker.log_artifact(run_id, curve_path, "curves")

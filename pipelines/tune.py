@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     splits = {name: load_splits(artifacts, settings.experiments[name].dataset) for name in names}
     check_models_build(settings, names, splits)
 
+    from deqsm.data import true_density
     from pipelines.ray_search import run_search
     from pipelines.ray_session import ray_session
 
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                                        {"stage": "tune", **provenance_tags(settings, "pipelines.tune")})
             trial_splits = {k: v for k, v in splits[name].items() if k != "test"}  # test: evaluate stage only
             try:
-                outcome = run_search(settings, name, base, trial_splits, tracker, parent, storage)
+                outcome = run_search(settings, name, base, trial_splits, tracker, parent, storage,
+                                     truth=true_density(artifacts.data_root, exp.dataset))
             except BaseException as err:  # an interrupt ends the parent run KILLED, an error FAILED
                 interrupted = isinstance(err, KeyboardInterrupt)
                 tracker.end_run(parent, "KILLED" if interrupted else "FAILED",

@@ -30,6 +30,14 @@ def cached_splits(data_root: str, dataset: str) -> dict:
     return load_splits(data_root, dataset)
 
 
+@functools.lru_cache(maxsize=2)
+def cached_truth(data_root: str, dataset: str) -> Any:
+    """A generated dataset's true density (exact score and log p), None for real data; read once per process."""
+    from deqsm.data import true_density
+
+    return true_density(data_root, dataset)
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
         import torch

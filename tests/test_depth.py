@@ -234,9 +234,9 @@ NEAR_ONE = dict(solver="anderson", tol=1e-4, max_iter=100, adjoint_tol=1e-4, adj
 
 def test_a_cell_at_lambda_1_01_converges_and_its_trained_gradient_is_exact(float64):
     """λ = 1.01 (‖Ŵ‖₂ = 0.99) with the injection's bias putting the Softplus near its linear regime: a deep cell
-    (local contraction ≥ 0.8, measured: 0.85-0.87). Under the recommended settings every solve of a short SSM training run
-    converges, and at the end the trained backward's parameter gradient has cosine ≥ 0.99 with the exact one (an
-    implicit gradient solved to 1e-12)."""
+    (local contraction ≥ 0.8, measured: 0.85-0.87). Under the recommended settings every solve of a short SSM
+    training run converges, and at the end the trained backward's parameter gradient has cosine ≥ 0.99 with the
+    exact one (an implicit gradient solved to 1e-12)."""
     import copy
 
     from deqsm.models.energy_mlp import DEQEnergyMLP

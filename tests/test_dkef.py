@@ -136,3 +136,42 @@ def test_short_fit_recovers_a_gaussian_density():
     true_loglik = float(true.log_prob(test).mean())
     assert est.se < 0.02
     assert abs(loglik - true_loglik) < 0.15, (loglik, true_loglik)
+
+
+def test_the_ridge_is_fitted_on_validation_data(float64):
+    """The finalise step's λ selection: its shortcut objective b_valᵀα + ½αᵀG_valα is the exact SM loss on the
+    validation rows up to a constant (checked at two λ against the loss itself), and from a bad trained λ
+    (log10 λ = 3: α ≈ 0, the base density) it moves to a λ with a lower validation loss."""
+    from deqsm.experiments import VariantSpec, finalize
+
+    torch.manual_seed(0)
+    data = torch.cat([torch.randn(150, 2) * 0.4 + 1.5, torch.randn(150, 2) * 0.4 - 1.5])
+    data = data[torch.randperm(300)]
+    train, val = data[:200], data[200:]
+    model = build_dkef(2, variant="explicit", width=8, depth=2, deq=EXACT_DEQ, train=train, n_inducing=10,
+                       log10_lambda=3.0)
+    model.eval()
+
+    def val_loss(log10_lam):
+        with torch.no_grad():
+            model.log10_lambda.fill_(log10_lam)
+        model.fit_alpha(train, "sm")
+        return float(get_loss("sm")(model.with_alpha(model.alpha), val).loss.detach())
+
+    low, high = val_loss(-3.0), val_loss(1.0)
+    info = model.select_lambda(train, val, "sm", grid=torch.tensor([-3.0, 1.0]))
+    # select_lambda scored the trained value (1.0, set by the last val_loss call) and the grid
+    assert info["log10_lambda_trained"] == 1.0
+    assert info["lambda_val_objective"] - info["lambda_val_objective_trained"] == pytest.approx(
+        min(low, high) - high, rel=1e-8, abs=1e-10)
+    assert info["log10_lambda"] == (-3.0 if low < high else 1.0)
+
+    with torch.no_grad():
+        model.log10_lambda.fill_(3.0)
+    spec = VariantSpec(name="explicit-2", model="dkef", width=8, variant="explicit", depth=2, loss={"name": "sm"})
+    chosen = finalize(spec, model, train, val)
+    assert chosen["log10_lambda_trained"] == 3.0 and chosen["log10_lambda"] < 3.0
+    assert chosen["lambda_val_objective"] < chosen["lambda_val_objective_trained"]
+    assert float(model.log10_lambda.detach()) == chosen["log10_lambda"]
+    base = val_loss(3.0)
+    assert val_loss(chosen["log10_lambda"]) < base

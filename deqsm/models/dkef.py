@@ -156,8 +156,9 @@ class DKEF(nn.Module):
         eye = torch.eye(G.shape[0], dtype=torch.float64, device=G.device)
         return torch.linalg.solve(G.double() + lam * eye, -b.double()).to(G.dtype)
 
-    def fit_alpha(self, data: Tensor, loss: str, options: dict | None = None, batch_size: int | None = None) -> Tensor:
-        """Solve α on all of ``data`` (G and b accumulated over batches) and store it: the finalise step."""
+    def alpha_moments(self, data: Tensor, loss: str, options: dict | None = None,
+                      batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """(G, b) of ``loss`` on all of ``data`` (float64, accumulated over batches, no graph)."""
         if data.shape[0] == 0:
             raise ValueError("cannot fit DKEF alpha on an empty data set")
         bs = batch_size or self.alpha_batch_size
@@ -167,10 +168,31 @@ class DKEF(nn.Module):
             G, b = self.alpha_system(chunk, loss, options)
             G_sum += G.detach().double() * chunk.shape[0]
             b_sum += b.detach().double() * chunk.shape[0]
+        return G_sum / data.shape[0], b_sum / data.shape[0]
+
+    def fit_alpha(self, data: Tensor, loss: str, options: dict | None = None, batch_size: int | None = None) -> Tensor:
+        """Solve α on all of ``data`` (G and b accumulated over batches) and store it: the finalise step."""
+        G, b = self.alpha_moments(data, loss, options, batch_size)
         with torch.no_grad():
-            alpha = self.solve_alpha(G_sum / data.shape[0], b_sum / data.shape[0])
-            self.alpha.copy_(alpha.to(self.alpha.dtype))
+            self.alpha.copy_(self.solve_alpha(G, b).to(self.alpha.dtype))
         return self.alpha
+
+    @torch.no_grad()
+    def select_lambda(self, train: Tensor, val: Tensor, loss: str, options: dict | None = None,
+                      grid: Tensor | None = None) -> dict[str, float]:
+        """The ridge λ fitted on validation rows (the reference DKEF's finalise step): of the trained λ and ``grid``
+        (log10 λ; default −8…2 by 0.25), the one whose α(λ) = −(G + λI)⁻¹ b (training rows) minimises the loss on
+        the validation rows, b_valᵀα + ½ αᵀ G_val α up to a constant. Sets it; returns both λ and objectives."""
+        (G, b), (G_val, b_val) = self.alpha_moments(train, loss, options), self.alpha_moments(val, loss, options)
+        evals, vecs = torch.linalg.eigh(0.5 * (G + G.T))
+        trained = float(self.log10_lambda.detach())
+        candidates = [trained, *(torch.arange(-8.0, 2.001, 0.25) if grid is None else grid).tolist()]
+        alphas = [-vecs @ ((vecs.T @ b) / (evals + 10.0 ** c)) for c in candidates]
+        scores = [float(b_val @ a + 0.5 * a @ G_val @ a) for a in alphas]
+        best = min(range(len(candidates)), key=scores.__getitem__)
+        self.log10_lambda.fill_(candidates[best])
+        return {"log10_lambda_trained": trained, "log10_lambda": candidates[best],
+                "lambda_val_objective_trained": scores[0], "lambda_val_objective": scores[best]}
 
     @torch.no_grad()
     def set_bandwidths(self, x: Tensor, spread: float = 10.0) -> None:
@@ -364,13 +386,15 @@ def dkef_objective(loss: str, options: dict, train: Tensor) -> DKEFObjective:
     return DKEFObjective(loss, options, train)
 
 
-def finalize_dkef(model: DKEF, loss: str, options: dict, train: Tensor) -> None:
-    """Fit α on the whole training set (the paper's final α)."""
+def finalize_dkef(model: DKEF, loss: str, options: dict, train: Tensor, val: Tensor | None = None) -> dict[str, float]:
+    """λ fitted on ``val`` when given (:meth:`DKEF.select_lambda`, whose findings it returns), α on all of ``train``."""
     was_training = model.training
     model.eval()
+    info = model.select_lambda(train, val, loss, options) if val is not None and val.shape[0] > 0 else {}
     model.fit_alpha(train, loss, options)
     model.train(was_training)
+    return info
 
 
 FAMILY = ModelFamily("dkef", build=build_dkef, objective=dkef_objective, evaluate=evaluate_density,
-                     eval_options=DensityEvalOptions, finalize=finalize_dkef)
+                     eval_options=DensityEvalOptions, finalize=finalize_dkef, loss_on_data=True)

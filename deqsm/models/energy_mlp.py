@@ -67,4 +67,4 @@ def build_energy_mlp(dim: int, *, variant: str, width: int, depth: int, deq: DEQ
 
 
 FAMILY = ModelFamily("energy_mlp", build=build_energy_mlp, objective=energy_objective, evaluate=evaluate_density,
-                     eval_options=DensityEvalOptions)
+                     eval_options=DensityEvalOptions, loss_on_data=True)

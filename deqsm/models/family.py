@@ -57,8 +57,11 @@ class ModelFamily:
         eval_options: the pydantic class of its evaluation options (a subclass of :class:`EvalOptions`).
         headline: what it is judged by: a :class:`Headline`, or ``headline(metric_keys) -> Headline`` when
             the key depends on the evaluation (NCSN's Fréchet distance names its feature extractor).
-        finalize: ``finalize(model, loss, loss_options, train)`` after training (DKEF solves α), or None.
+        finalize: ``finalize(model, loss, loss_options, train, val) -> dict`` after training (DKEF fits its ridge λ
+            on ``val`` and solves α on ``train``; the dict: what it chose, for the run's summary), or None.
         normalised: the model has an exact ``log_prob`` (maximum likelihood applies; no log Z estimate).
+        loss_on_data: its score-matching loss is that of the model's density on the data rows, so on data with a
+            known score it has a floor (:mod:`deqsm.floor`). Not so for the VAE (a latent score) or NCSN (noised).
     """
 
     name: str
@@ -69,6 +72,7 @@ class ModelFamily:
     headline: Headline | Callable[[Iterable[str]], Headline] = TEST_LOGLIK
     finalize: Callable[..., None] | None = None
     normalised: bool = False
+    loss_on_data: bool = False
 
     def options(self) -> list[str]:
         """The model-specific keyword options (``model_options``) of :attr:`build`."""

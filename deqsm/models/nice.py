@@ -103,4 +103,4 @@ def build_nice(dim: int, *, variant: str, width: int, depth: int, deq: DEQSettin
 
 FAMILY = ModelFamily("nice", build=build_nice, objective=energy_objective,
                      evaluate=partial(evaluate_density, normalised=True), eval_options=DensityEvalOptions,
-                     normalised=True)
+                     normalised=True, loss_on_data=True)
