@@ -74,11 +74,26 @@ def test_the_table_shows_the_counts_steps_and_change():
     md = convergence_table_md(rows)
     lines = md.splitlines()
     assert lines[0].startswith("| variant | verdict | converged (plateau rule) | flat at the end |")
-    assert "| deq | not converged | 2/3 | 1/3 | 533 [200, 1,000] | 20.00% |" in lines
-    assert "| explicit | flat at the cap | 0/1 | 1/1 | 1,000 | 0.40% |" in lines
-    assert "| lost | unknown | — | — | — | — |" in lines
+    assert "| deq | not converged | 2/3 | 1/3 | 533 [200, 1,000] | 20.00% | — |" in lines
+    assert "| explicit | flat at the cap | 0/1 | 1/1 | 1,000 | 0.40% | — |" in lines
+    assert "| lost | unknown | — | — | — | — | — |" in lines
     notes = [line for line in lines if line.startswith("- ")]
-    assert len(notes) == 2 and "5%" in notes[1] and "train.patience" in notes[0]
+    assert len(notes) == 3 and "5%" in notes[1] and "train.patience" in notes[0] and "floor" in notes[2]
+
+
+def test_a_run_whose_loss_fell_below_the_floor_makes_its_variant_degenerate():
+    """One degenerate seed of three makes the verdict "degenerate" whatever the curves say; runs with no floor known
+    (summary without loss_degenerate) are counted as not watched."""
+    curve = ([100.0, 200.0, 300.0, 400.0], [1.0, 0.5, 0.4, 0.4])
+    runs = [convergence(*curve, {"converged": True, "steps": 400, "loss_degenerate": flag}) for flag in (0.0, 1.0, 0.0)]
+    s = summarize(runs)
+    assert s["verdict"] == "degenerate" and s["n_degenerate"] == 1 and s["n_watched"] == 3
+    assert "| deq | degenerate | 3/3 |" in convergence_table_md([("deq", s)]) and "| 1/3 |" in convergence_table_md(
+        [("deq", s)])
+    clean = summarize([convergence(*curve, {"converged": True, "steps": 400, "loss_degenerate": 0.0})])
+    assert clean["verdict"] == "converged" and convergence_table_md([("x", clean)]).splitlines()[2].endswith("| 0/1 |")
+    unwatched = summarize([convergence(*curve, {"converged": True, "steps": 400})])
+    assert unwatched["n_watched"] == 0 and convergence_table_md([("x", unwatched)]).splitlines()[2].endswith("| — |")
 
 
 def test_a_best_value_at_the_edge_of_the_search_space_is_flagged():

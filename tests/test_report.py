@@ -407,3 +407,30 @@ def test_results_without_depth_metrics_have_no_depth_table(built):
     data = inputs.read_experiment(Artifacts.of(load_params(root / "params.yaml"), root),
                                   load_params(root / "params.yaml"), "toy")
     assert depth.depth_rows(data) == [] and depth.depth_table_md([]) == ""
+
+
+def test_a_degenerate_variant_is_named_in_the_convergence_table_and_the_caveats(built, tmp_path, monkeypatch):
+    """A seed whose loss fell below the data's floor (its training summary's loss_degenerate, deqsm.floor) makes
+    its variant's convergence verdict "degenerate" and adds a caveat naming it; the others are watched and clean."""
+    root, settings = built
+    shutil.copytree(root / "results", tmp_path / "results")
+    exp = tmp_path / "results/experiments/toy"
+    per_seed = {v: {0: {**m, "loss_degenerate": 0.0}, 1: {**m, "loss_degenerate": float(v == "deq")}}
+                for v, m in METRICS.items()}
+    (exp / "metrics.json").write_text(json.dumps({v: aggregate(by_seed) for v, by_seed in per_seed.items()}))
+    (exp / "seeds.json").write_text(json.dumps({v: {str(s): m for s, m in by_seed.items()}
+                                                for v, by_seed in per_seed.items()}))
+    for variant, by_seed in per_seed.items():
+        for seed in by_seed:
+            write_curve(exp / "curves" / variant / f"seed{seed}.csv", deq=variant.startswith("deq"))
+    monkeypatch.chdir(tmp_path)
+    other = settings.model_copy(update={"tracking": settings.tracking.model_copy(
+        update={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})})
+    text = report.run_report(other, root / "params.yaml", tmp_path)["report"].read_text()
+    table = text[text.index("### Convergence"):]
+    table = table[:table.index("\n#", 5)]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| variant")}
+    assert rows["deq"][0] == "degenerate" and rows["deq"][-1] == "1/2"
+    assert all(r[0] != "degenerate" and r[-1] == "0/2" for v, r in rows.items() if v != "deq"), rows
+    assert "`toy`: degenerate score matching — `deq` in 1/2 seeds" in text

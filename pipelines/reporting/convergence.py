@@ -34,6 +34,7 @@ class Convergence:
     best_step: float | None
     final_change: float | None  # (mean last quarter − mean quarter before) / (max − min of the curve)
     flat: bool | None  # |final_change| <= flat_tol; None when final_change is
+    degenerate: bool | None = None  # its loss fell below the data's floor (deqsm.floor); None: not watched
 
 
 def final_change(val_losses: list[float]) -> float | None:
@@ -73,6 +74,7 @@ def convergence(val_steps: list[float], val_losses: list[float], summary: dict,
         best_step=_first(summary, "best_step", "train_best_step"),
         final_change=change,
         flat=None if change is None else abs(change) <= flat_tol,
+        degenerate=_flag(summary.get("loss_degenerate")),
     )
 
 
@@ -81,7 +83,9 @@ def summarize(runs: list[Convergence]) -> dict[str, Any]:
     steps = [r.steps for r in runs if r.steps is not None]
     changes = [abs(r.final_change) for r in runs if r.final_change is not None]
     known = any(r.converged is not None or r.flat is not None for r in runs)
-    if not known:
+    if any(r.degenerate is True for r in runs):
+        verdict = "degenerate"
+    elif not known:
         verdict = "unknown"
     elif all(r.converged is True for r in runs):
         verdict = "converged"
@@ -97,6 +101,8 @@ def summarize(runs: list[Convergence]) -> dict[str, Any]:
         "steps_min": min(steps) if steps else None,
         "steps_max": max(steps) if steps else None,
         "final_change_max_abs": max(changes) if changes else None,
+        "n_degenerate": sum(r.degenerate is True for r in runs),
+        "n_watched": sum(r.degenerate is not None for r in runs),
         "verdict": verdict,
     }
 
@@ -113,14 +119,16 @@ def _steps_cell(s: dict) -> str:
 def convergence_table_md(rows: list[tuple[str, dict]], flat_tol: float = FLAT_TOL) -> str:
     """A Markdown table, one row per variant (``(name, summarize(...))``), and footnotes on its columns."""
     header = ["variant", "verdict", "converged (plateau rule)", "flat at the end", "steps",
-              "last-quarter change"]
+              "last-quarter change", "degenerate"]
     body = []
     for name, s in rows:
         n = int(s.get("n") or 0)
         count = (lambda k: f"{int(s.get(k) or 0)}/{n}" if n else DASH)  # noqa: E731
         change = number(s.get("final_change_max_abs"))
+        watched = int(s.get("n_watched") or 0)
         body.append([name, str(s.get("verdict", "unknown")), count("n_converged"), count("n_flat"), _steps_cell(s),
-                     DASH if change is None else f"{100 * change:.2f}%"])
+                     DASH if change is None else f"{100 * change:.2f}%",
+                     f"{int(s.get('n_degenerate') or 0)}/{watched}" if watched else DASH])
     notes = [
         "- Converged (plateau rule): runs (k of n seeds) whose training stopped because `train.patience` "
         "evaluations brought no validation-loss improvement of more than `train.min_delta` (relative), rather than at "
@@ -130,6 +138,9 @@ def convergence_table_md(rows: list[tuple[str, dict]], flat_tol: float = FLAT_TO
         f"quarter before by at most {100 * flat_tol:g}% of the curve's whole range (max − min); last-quarter change: "
         "the largest such |change| (in % of the range) over the "
         f"runs; steps: mean [min, max] over the runs. {DASH}: not known (fewer than 4 evaluations, no summary).",
+        "- Degenerate: runs on data with a known score whose score-matching loss fell below the data's floor "
+        "−½E‖∇log p‖² (`deqsm.floor`; the MLflow tag `deqsm.degenerate_loss`): a loss without a lower bound, not a "
+        f"better fit. Verdict \"degenerate\" when any run is. {DASH}: no floor known (real data, DSM).",
     ]
     return md_table(header, body) + "\n\n" + "\n".join(notes)
 

@@ -145,7 +145,14 @@ def caveats(s: Settings, datas: list[ExperimentData], all_rows: dict[str, list[d
                    "of training is not in them, so a verdict says the evaluation separates the two models, not that "
                    "retraining would.")
     for data in datas:
-        unsettled = [(v, c) for v, c in experiment_convergence(data) if c["verdict"] != "converged"]
+        states = experiment_convergence(data)
+        degenerate = [(v, c) for v, c in states if c["verdict"] == "degenerate"]
+        if degenerate:
+            out.append(f"`{data.name}`: degenerate score matching — " + "; ".join(
+                f"`{v}` in {c['n_degenerate']}/{c['n_watched']} seeds" for v, c in degenerate)
+                + ": the loss fell below the data's floor −½E‖∇log p‖² (deqsm.floor), where it has no lower bound; "
+                "those models' test figures are not a better fit (see the convergence table).")
+        unsettled = [(v, c) for v, c in states if c["verdict"] not in ("converged", "degenerate")]
         if unsettled:
             tr = s.experiment_train(data.name) if data.name in s.experiments else s.train.fit_settings()
             out.append(f"`{data.name}`: not every variant trained until trained — " + "; ".join(
