@@ -352,15 +352,12 @@ DEPTH_SEEDS = {  # per seed: test_loglik and the evaluate stage's effective-dept
 }
 
 
-def test_effective_depth_table_and_figure(built, tmp_path, monkeypatch):
-    """metrics.json with the deq_* keys (two seeds of `deq`, one of a variant not in params.yaml) and plain
-    explicit variants: a depth table of the DEQs only, the verdicts, a CSV and the figure."""
+def report_of_seeds(built, per_seed: dict, tmp_path, monkeypatch):
+    """The built project's results copied to ``tmp_path`` with toy's metrics.json, seeds.json and curves made from
+    ``per_seed`` (variant → seed → metrics), then the report on them: (its settings, run_report's output)."""
     root, settings = built
     shutil.copytree(root / "results", tmp_path / "results")
     exp = tmp_path / "results/experiments/toy"
-    per_seed = {v: {s: {**METRICS["deq"], **m} for s, m in by_seed.items()} for v, by_seed in DEPTH_SEEDS.items()}
-    per_seed["explicit-2"] = {0: METRICS["explicit-2"], 1: {**METRICS["explicit-2"], "test_loglik": -2.6}}
-    per_seed["explicit-4"] = {0: METRICS["explicit-4"]}
     (exp / "metrics.json").write_text(json.dumps({v: aggregate(by_seed) for v, by_seed in per_seed.items()}))
     (exp / "seeds.json").write_text(json.dumps({v: {str(s): m for s, m in by_seed.items()}
                                                 for v, by_seed in per_seed.items()}))
@@ -370,7 +367,17 @@ def test_effective_depth_table_and_figure(built, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     other = settings.model_copy(update={"tracking": settings.tracking.model_copy(
         update={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})})
-    out = report.run_report(other, root / "params.yaml", tmp_path)
+    return other, report.run_report(other, root / "params.yaml", tmp_path)
+
+
+def test_effective_depth_table_and_figure(built, tmp_path, monkeypatch):
+    """metrics.json with the deq_* keys (two seeds of `deq`, one of a variant not in params.yaml) and plain
+    explicit variants: a depth table of the DEQs only, the verdicts, a CSV and the figure."""
+    root, settings = built
+    per_seed = {v: {s: {**METRICS["deq"], **m} for s, m in by_seed.items()} for v, by_seed in DEPTH_SEEDS.items()}
+    per_seed["explicit-2"] = {0: METRICS["explicit-2"], 1: {**METRICS["explicit-2"], "test_loglik": -2.6}}
+    per_seed["explicit-4"] = {0: METRICS["explicit-4"]}
+    other, out = report_of_seeds(built, per_seed, tmp_path, monkeypatch)
 
     text = out["report"].read_text()
     section = text[text.index("### Effective depth"):text.index("### Convergence")]
@@ -412,21 +419,9 @@ def test_results_without_depth_metrics_have_no_depth_table(built):
 def test_a_degenerate_variant_is_named_in_the_convergence_table_and_the_caveats(built, tmp_path, monkeypatch):
     """A seed whose loss fell below the data's floor (its training summary's loss_degenerate, deqsm.floor) makes
     its variant's convergence verdict "degenerate" and adds a caveat naming it; the others are watched and clean."""
-    root, settings = built
-    shutil.copytree(root / "results", tmp_path / "results")
-    exp = tmp_path / "results/experiments/toy"
     per_seed = {v: {0: {**m, "loss_degenerate": 0.0}, 1: {**m, "loss_degenerate": float(v == "deq")}}
                 for v, m in METRICS.items()}
-    (exp / "metrics.json").write_text(json.dumps({v: aggregate(by_seed) for v, by_seed in per_seed.items()}))
-    (exp / "seeds.json").write_text(json.dumps({v: {str(s): m for s, m in by_seed.items()}
-                                                for v, by_seed in per_seed.items()}))
-    for variant, by_seed in per_seed.items():
-        for seed in by_seed:
-            write_curve(exp / "curves" / variant / f"seed{seed}.csv", deq=variant.startswith("deq"))
-    monkeypatch.chdir(tmp_path)
-    other = settings.model_copy(update={"tracking": settings.tracking.model_copy(
-        update={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})})
-    text = report.run_report(other, root / "params.yaml", tmp_path)["report"].read_text()
+    text = report_of_seeds(built, per_seed, tmp_path, monkeypatch)[1]["report"].read_text()
     table = text[text.index("### Convergence"):]
     table = table[:table.index("\n#", 5)]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
