@@ -56,7 +56,6 @@ class Cell(Protocol):
     def __call__(self, z: Tensor, x: Tensor) -> Tensor: ...
 
 
-
 class SoftplusCell(nn.Module):
     """f(z, u) = Softplus(Ŵ z + u): the paper's MLP cell; u = g(x) is the injection computed once by the
     model. Softplus is smooth (the theory needs f ∈ C²) and 1-Lipschitz, so ‖Ŵ‖₂ < 1 gives a contraction."""
@@ -310,9 +309,8 @@ class DEQ(nn.Module):
     def _fresh_normalization(self) -> None:
         # Weights written through ``.data`` (gradcheck's perturbations) keep their version counter, so a
         # normalisation cached by an earlier forward could be stale: cache within one forward only.
-        for m in self.cell.modules():
-            if isinstance(m, CachedNormalization):
-                m._cached = None
+        for _, m in normalization_layers(self.cell):
+            m._cached = None
 
     def taped_phantom_steps(self, x: Tensor, z0: Tensor, tape: Callable[[Tensor, str], Tensor]) -> Tensor:
         """The phantom backward's layers, made visible: solve without a graph, then K steps

@@ -149,7 +149,7 @@ def test_the_ridge_is_fitted_on_validation_data(float64):
     data = data[torch.randperm(300)]
     train, val = data[:200], data[200:]
     model = build_dkef(2, variant="explicit", width=8, depth=2, deq=EXACT_DEQ, train=train, n_inducing=10,
-                       log10_lambda=3.0)
+                       log10_lambda=3.0, lambda_on_validation=True)
     model.eval()
 
     def val_loss(log10_lam):
@@ -175,3 +175,5 @@ def test_the_ridge_is_fitted_on_validation_data(float64):
     assert float(model.log10_lambda.detach()) == chosen["log10_lambda"]
     base = val_loss(3.0)
     assert val_loss(chosen["log10_lambda"]) < base
+    model.lambda_on_validation = False  # the default: the trained λ is kept
+    assert finalize(spec, model, train, val) == {} and float(model.log10_lambda.detach()) == chosen["log10_lambda"]

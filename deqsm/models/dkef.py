@@ -364,14 +364,12 @@ class DKEFObjective:
 def build_dkef(dim: int, *, variant: str, width: int, depth: int, deq: DEQSettings, train: Tensor,
                n_kernels: int = 3, n_inducing: int = 50, feature_dim: int | None = None, q0_scale: float = 2.0,
                learn_q0_scale: bool = True, log10_lambda: float = -2.0, alpha_eval_rows: int = 1000,
-               alpha_batch_size: int = 256) -> DKEF:
-    """A DKEF whose inducing points start at random training rows and whose bandwidths start at the
-    median feature distance (uses the global torch RNG: seed before building)."""
-    if n_inducing < 1:
-        raise ValueError(f"n_inducing must be >= 1, got {n_inducing}")
+               alpha_batch_size: int = 256, lambda_on_validation: bool = False) -> DKEF:
+    """A DKEF: inducing points at random training rows (global RNG: seed first), bandwidths at the median feature
+    distance; ``lambda_on_validation``: finalise fits λ on the validation rows (:meth:`DKEF.select_lambda`)."""
     rows = train.flatten(1)
-    if rows.shape[0] == 0:
-        raise ValueError("DKEF needs training rows to place its inducing points")
+    if n_inducing < 1 or rows.shape[0] == 0:
+        raise ValueError(f"n_inducing must be >= 1 (got {n_inducing}) and DKEF needs training rows to place them")
     idx = (torch.randperm(rows.shape[0])[:n_inducing] if rows.shape[0] >= n_inducing
            else torch.randint(0, rows.shape[0], (n_inducing,)))
     features = make_net(variant, dim, width, feature_dim or width, depth=depth, deq=deq)
@@ -379,6 +377,7 @@ def build_dkef(dim: int, *, variant: str, width: int, depth: int, deq: DEQSettin
                  learn_q0_scale=learn_q0_scale, log10_lambda=log10_lambda, alpha_eval_rows=alpha_eval_rows,
                  alpha_batch_size=alpha_batch_size)
     model.set_bandwidths(rows)
+    model.lambda_on_validation = lambda_on_validation
     return model
 
 
@@ -387,10 +386,10 @@ def dkef_objective(loss: str, options: dict, train: Tensor) -> DKEFObjective:
 
 
 def finalize_dkef(model: DKEF, loss: str, options: dict, train: Tensor, val: Tensor | None = None) -> dict[str, float]:
-    """λ fitted on ``val`` when given (:meth:`DKEF.select_lambda`, whose findings it returns), α on all of ``train``."""
-    was_training = model.training
+    """λ fitted on ``val`` if the model says so (:meth:`DKEF.select_lambda`: its findings returned), α on ``train``."""
+    was_training, fit_lambda = model.training, getattr(model, "lambda_on_validation", False)
     model.eval()
-    info = model.select_lambda(train, val, loss, options) if val is not None and val.shape[0] > 0 else {}
+    info = model.select_lambda(train, val, loss, options) if fit_lambda and val is not None and len(val) else {}
     model.fit_alpha(train, loss, options)
     model.train(was_training)
     return info
