@@ -19,9 +19,8 @@ from torch import nn
 
 from deqsm.config import DEQSettings, LossSettings
 from deqsm.depth import deq_layers, effective_depth
-from deqsm.floor import FLOOR_LOSSES, DegenerateLossGuard, loss_floor
+from deqsm.floor import FLOOR_LOSSES, DegenerateLossGuard
 from deqsm.losses import get_loss
-from deqsm.metrics.density import true_score_function
 from deqsm.models import MODELS, EvalOptions, ModelFamily
 from deqsm.models.blocks import VARIANTS, count_parameters
 from deqsm.schema import Strict, known_name
@@ -147,32 +146,24 @@ def _check_splits(splits: dict[str, Tensor], needed: tuple[str, ...]) -> None:
         raise ValueError(f"splits disagree on the sample shape: {shapes}")
 
 
-def degenerate_loss_guard(spec: VariantSpec, splits: dict[str, Tensor],
-                          true_density: Any) -> DegenerateLossGuard | None:
-    """The guard of :mod:`deqsm.floor` for a density model trained by a score-matching loss on data with a known
-    score (its floor from 100,000 seeded draws of the true density, or the training rows if it cannot sample); None
-    where no floor is known."""
-    if true_density is None or not spec.family.loss_on_data or spec.loss.name not in FLOOR_LOSSES:
+def degenerate_loss_guard(spec: VariantSpec, floor: tuple[float, float] | None) -> DegenerateLossGuard | None:
+    """The guard of :mod:`deqsm.floor` for a density model trained by a score-matching loss on data whose ``floor``
+    (value, standard error: :func:`deqsm.floor.data_floor`) is known; None otherwise."""
+    if floor is None or not spec.family.loss_on_data or spec.loss.name not in FLOOR_LOSSES:
         return None
-    rows = splits["train"]
-    if hasattr(true_density, "sample"):
-        with torch.random.fork_rng():  # the same draws every time, and the caller's random state left alone
-            torch.manual_seed(0)
-            rows = true_density.sample((100_000,))
-    floor, se = loss_floor(true_score_function(true_density), rows.flatten(1).double())
-    return DegenerateLossGuard(floor, se)
+    return DegenerateLossGuard(*floor)
 
 
 def train_model(spec: VariantSpec, splits: dict[str, Tensor], train_settings: TrainSettings,
                 callbacks: list[Callback] | None = None, checkpoint_dir: Path | str | None = None,
-                true_density: Any = None) -> tuple[nn.Module, FitResult]:
+                loss_floor: tuple[float, float] | None = None) -> tuple[nn.Module, FitResult]:
     """Build (seeded by ``train_settings.seed``), fit and finalise; returns the model and the fit result. With the
-    data's ``true_density`` (generated data), a score-matching loss below the data's floor flags the run as
-    degenerate (:mod:`deqsm.floor`; ``loss_degenerate`` in the result's summary)."""
+    data's ``loss_floor`` (generated data: :func:`deqsm.floor.data_floor`), a score-matching loss below it flags the
+    run as degenerate (:mod:`deqsm.floor`; ``loss_degenerate`` in the result's summary)."""
     _check_splits(splits, ("train",))
     torch.manual_seed(train_settings.seed)
     model, objective = build(spec, splits["train"])
-    guard = degenerate_loss_guard(spec, splits, true_density)
+    guard = degenerate_loss_guard(spec, loss_floor)
     result = fit(model, objective, splits["train"], splits.get("val"), train_settings,
                  [*(callbacks or []), *([guard] if guard else [])], checkpoint_dir)
     chosen = finalize(spec, model, splits["train"], splits.get("val"))

@@ -16,15 +16,28 @@ and the validation loss with ``floor − (3 floor_se + slack |floor|)``.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from deqsm.metrics.density import true_score_function
 from deqsm.train import Callback
 
 Tensor = torch.Tensor
 
 FLOOR_LOSSES = ("sm", "ssm", "ssm_vr", "cp")  # unbiased estimates of J(θ) (dsm has another constant)
+
+
+def data_floor(true_density: Any, rows: Tensor, draws: int = 100_000) -> tuple[float, float] | None:
+    """The floor of data whose ``true_density`` is known (None: unknown): from ``draws`` seeded samples of it, or from
+    ``rows`` when it cannot sample. It costs about a second for the default mixture: compute it once per data set."""
+    if true_density is None:
+        return None
+    if hasattr(true_density, "sample"):
+        with torch.random.fork_rng():  # the same draws every time, and the caller's random state left alone
+            torch.manual_seed(0)
+            rows = true_density.sample((draws,))
+    return loss_floor(true_score_function(true_density), rows.flatten(1).double())
 
 
 def loss_floor(score: Callable[[Tensor], Tensor], x: Tensor) -> tuple[float, float]:

@@ -107,16 +107,14 @@ def normalization_layers(module: nn.Module) -> list[tuple[str, CachedNormalizati
 
 
 @contextmanager
-def held_normalization(module: nn.Module) -> Iterator[list[tuple[CachedNormalization, dict]]]:
-    """Within the block, each normalised layer of ``module`` computes its graph-carrying Ŵ once (per size)
-    and reuses it; yields (layer, {size key: Ŵ}) for each, filled as the cell runs. Cleared on exit, so no
-    graph outlives the call that built it."""
+def held_normalization(module: nn.Module) -> Iterator[None]:
+    """Within the block, each normalised layer of ``module`` computes its graph-carrying Ŵ once (per size) and
+    reuses it (the layer's ``_held``: size key → Ŵ). Cleared on exit, so no graph outlives the call that built it."""
     layers = [m for _, m in normalization_layers(module)]
-    held = [(m, {}) for m in layers]
-    for m, d in held:
-        m._held = d
+    for m in layers:
+        m._held = {}
     try:
-        yield held
+        yield
     finally:
         for m in layers:
             m._held = None

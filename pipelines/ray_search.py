@@ -121,7 +121,8 @@ def _latest_checkpoint(trial_root: str | None, trial_id: str) -> Path | None:
 
 
 def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: dict,
-               trial_root: str | None = None, worst: dict[str, float] | None = None, truth: Any = None) -> None:
+               trial_root: str | None = None, worst: dict[str, float] | None = None,
+               floor: tuple[float, float] | None = None) -> None:
     """One trial (runs in a Ray worker): train on the train split, select on the validation split. The test
     split is left to the evaluate stage, so model selection never sees it.
 
@@ -153,7 +154,7 @@ def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: di
     try:
         try:
             model, fit = train_model(spec, splits, train, callbacks=[reporter, recorder], checkpoint_dir=ckpt_dir,
-                                     true_density=truth)
+                                     loss_floor=floor)
         except TrainingError as err:
             tune.report({**(worst or {}), "failed": f"{type(err).__module__}.{type(err).__name__}: {err}",
                          "final": 1.0, "device": device, "step": reporter.step})
@@ -205,15 +206,16 @@ class SearchOutcome:
 
 
 def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict], splits: dict,
-               tracker: Tracker, parent_run_id: str, storage: Path, truth: Any = None) -> SearchOutcome:
-    """Tune one experiment: variants × search space; returns the best trial per variant. ``truth``: the data's
-    true density (generated data), for the trials' degenerate-loss guard (:mod:`deqsm.floor`)."""
+               tracker: Tracker, parent_run_id: str, storage: Path,
+               floor: tuple[float, float] | None = None) -> SearchOutcome:
+    """Tune one experiment: variants × search space; returns the best trial per variant. ``floor``: the data's
+    score-matching floor (generated data), for the trials' degenerate-loss guard (:mod:`deqsm.floor`)."""
     ts = settings.tune
     param_space: dict[str, Any] = {"variant_name": tune.grid_search(sorted(base_configs))}
     for key, entry in ts.search_space.items():
         param_space[_key(key)] = to_tune_domain(entry, asha=ts.scheduler == "asha")
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, base_configs=base_configs, splits=splits, truth=truth,
+        tune.with_parameters(_trainable, base_configs=base_configs, splits=splits, floor=floor,
                              trial_root=str((storage / experiment).resolve()),
                              worst={ts.metric: math.inf if ts.mode == "min" else -math.inf}),
         {"cpu": ts.cpus_per_trial, "gpu": ts.gpus_per_trial})

@@ -20,7 +20,7 @@ from typing import Any
 from pipelines.artifacts import MODEL_SUFFIX, Artifacts, load_splits, prune_seeds, save_model, write_atomic
 from pipelines.settings import Settings, main_guard, run_experiment_stage
 from pipelines.trials import flatten
-from pipelines.workers import cached_splits, cached_truth, run_jobs, start_workers, worker_count
+from pipelines.workers import cached_floor, cached_splits, run_jobs, start_workers, worker_count
 
 
 class CurveLogger:
@@ -112,7 +112,7 @@ def train_seed(job: SeedJob) -> dict[str, Any]:
     curve, solver = CurveLogger(), SolverRecorder()
     model, fit = train_model(VariantSpec(**job.spec), cached_splits(job.data_root, job.dataset),
                              TrainSettings(**job.train), callbacks=[curve, solver],
-                             true_density=cached_truth(job.data_root, job.dataset))
+                             loss_floor=cached_floor(job.data_root, job.dataset))
     summary = {**fit.summary(), **solver.summary(), "params": float(sum(p.numel() for p in model.parameters()))}
     return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "summary": summary,
             "history": fit.history, "rows": curve.rows}

@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     check_models_build(settings, names, splits)
 
     from deqsm.data import true_density
+    from deqsm.floor import data_floor
     from pipelines.ray_search import run_search
     from pipelines.ray_session import ray_session
 
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             trial_splits = {k: v for k, v in splits[name].items() if k != "test"}  # test: evaluate stage only
             try:
                 outcome = run_search(settings, name, base, trial_splits, tracker, parent, storage,
-                                     truth=true_density(artifacts.data_root, exp.dataset))
+                                     floor=data_floor(true_density(artifacts.data_root, exp.dataset),
+                                                      trial_splits["train"]))
             except BaseException as err:  # an interrupt ends the parent run KILLED, an error FAILED
                 interrupted = isinstance(err, KeyboardInterrupt)
                 tracker.end_run(parent, "KILLED" if interrupted else "FAILED",

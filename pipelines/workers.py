@@ -31,11 +31,13 @@ def cached_splits(data_root: str, dataset: str) -> dict:
 
 
 @functools.lru_cache(maxsize=2)
-def cached_truth(data_root: str, dataset: str) -> Any:
-    """A generated dataset's true density (exact score and log p), None for real data; read once per process."""
+def cached_floor(data_root: str, dataset: str) -> tuple[float, float] | None:
+    """A generated dataset's score-matching floor (:func:`deqsm.floor.data_floor`), None for real data; computed
+    once per process."""
     from deqsm.data import true_density
+    from deqsm.floor import data_floor
 
-    return true_density(data_root, dataset)
+    return data_floor(true_density(data_root, dataset), cached_splits(data_root, dataset)["train"])
 
 
 def _set_threads(threads: int | None) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from deqsm.config import DEQSettings
 from deqsm.experiments import VariantSpec, degenerate_loss_guard, train_model
-from deqsm.floor import DegenerateLossGuard, loss_floor
+from deqsm.floor import DegenerateLossGuard, data_floor, loss_floor
 from deqsm.losses import get_loss
 from deqsm.train import TrainSettings
 
@@ -78,11 +78,11 @@ def test_a_run_on_data_with_a_known_score_reports_its_floor():
     spec = VariantSpec(name="explicit-2", model="energy_mlp", width=32, variant="explicit", depth=2,
                        loss={"name": "sm"}, deq=DEQSettings())
     _, fit = train_model(spec, splits, TrainSettings(steps=200, batch_size=100, lr=3e-3, eval_every=50,
-                                                     progress=False), true_density=truth)
+                                                     progress=False), loss_floor=data_floor(truth, splits["train"]))
     summary = fit.summary()
     assert summary["loss_degenerate"] == 0.0
     assert summary["loss_floor"] == pytest.approx(-4.0, abs=4 * summary["loss_floor_se"])
     assert summary["loss_floor_se"] < 0.02
-    assert degenerate_loss_guard(spec, splits, None) is None
+    assert degenerate_loss_guard(spec, data_floor(None, splits["train"])) is None
     dsm = spec.model_copy(update={"loss": spec.loss.model_copy(update={"name": "dsm"})})
-    assert degenerate_loss_guard(dsm, splits, truth) is None
+    assert degenerate_loss_guard(dsm, data_floor(truth, splits["train"])) is None
