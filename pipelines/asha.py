@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from pipelines.trials import trial_point
+
 
 def middle_out(values: list) -> list:
     """Grid values from the middle outwards (indices 3, 4, 2, 5, 1, 6, 0, 7 of eight): ASHA judges a trial against
@@ -52,7 +54,7 @@ class VariantASHA(FIFOScheduler):
         return self._by_variant[variant]
 
     def _of(self, trial) -> ASHAScheduler:
-        return self.variant_scheduler(trial.config["variant_name"])
+        return self.variant_scheduler(trial_point(trial.config)[0])
 
     def on_trial_add(self, tune_controller, trial) -> None:
         self._of(trial).on_trial_add(tune_controller, trial)

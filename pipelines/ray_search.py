@@ -39,7 +39,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator  # noqa: E402
 from pipelines.asha import VariantASHA, middle_out  # noqa: E402
 from pipelines.trial_logger import RAY_BOOKKEEPING, MlflowTrialLogger, stopped_early  # noqa: E402
 from pipelines.settings import Settings, SpaceEntry  # noqa: E402
-from pipelines.trials import apply_sample  # noqa: E402
+from pipelines.trials import apply_sample, deq_only, search_arms, trial_point  # noqa: E402
 from pipelines.provenance import device_label, provenance_tags  # noqa: E402
 from pipelines.tracking import Tracker  # noqa: E402
 
@@ -134,8 +134,8 @@ def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: di
     from deqsm.experiments import VariantSpec, SolverRecorder, train_model
     from deqsm.train import TrainingError, TrainSettings
 
-    cfg = apply_sample(base_configs[config["variant_name"]],
-                       {k.replace("__", "."): v for k, v in config.items() if k != "variant_name"})
+    variant, sample = trial_point(config)
+    cfg = apply_sample(base_configs[variant], sample)
     spec = VariantSpec(**cfg["spec"])
     train = TrainSettings(**{**cfg["train"], "progress": False, "checkpoint_every": None})
     ckpt_dir = Path(tempfile.mkdtemp(prefix="deqsm-trial-"))
@@ -160,6 +160,9 @@ def _trainable(config: dict[str, Any], base_configs: dict[str, dict], splits: di
                          "final": 1.0, "device": device, "step": reporter.step})
             return
         summary = {k: v for k, v in fit.summary().items() if isinstance(v, (int, float))}
+        # a DEQ's depth where its kept weights were taken (the best validation step): the study's depth axis
+        at_best = next((h for h in fit.history if h.get("step") == fit.best_step), {})
+        summary.update({f"best_{k}": v for k, v in at_best.items() if k.startswith("deq_")})
         summary["val_loss"] = fit.best_val_loss  # the selection metric: the best validation loss reached
         summary["params"] = float(sum(p.numel() for p in model.parameters()))
         # node_id: which Ray node ran the trial (the cluster test checks trials spread over nodes)
@@ -196,6 +199,13 @@ def reproducible_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k not in _RUN_SPECIFIC}
 
 
+# What each trial's entry in best.json's results holds besides its metric: the DEQ's depth at its best step and
+# what it cost (the report's depth study plots the metric against them). On the CPU the memory figure is the
+# autograd graph's saved bytes, the same on every run of one configuration.
+STUDY_KEYS = ("best_deq_contraction", "best_deq_iterations", "best_deq_depth_gain", "best_deq_weight_norm",
+              "peak_bytes", "params", "best_step")
+
+
 @dataclass
 class SearchOutcome:
     best: dict[str, dict]        # variant → {"config": trial config, "metrics": last result}
@@ -211,9 +221,14 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
     """Tune one experiment: variants × search space; returns the best trial per variant. ``floor``: the data's
     score-matching floor (generated data), for the trials' degenerate-loss guard (:mod:`deqsm.floor`)."""
     ts = settings.tune
-    param_space: dict[str, Any] = {"variant_name": tune.grid_search(sorted(base_configs))}
+    # Grids over deq settings multiply the DEQ variants only: each (variant, deq values) pair is one "arm"
+    deq_grids = {key: list(entry.grid) for key, entry in ts.search_space.items() if deq_only(key) and entry.grid}
+    arms = search_arms({v: c["spec"]["variant"] for v, c in base_configs.items()}, deq_grids)
+    param_space: dict[str, Any] = ({"arm": tune.grid_search(arms)} if deq_grids
+                                   else {"variant_name": tune.grid_search(sorted(base_configs))})
     for key, entry in ts.search_space.items():
-        param_space[_key(key)] = to_tune_domain(entry, asha=ts.scheduler == "asha")
+        if key not in deq_grids:
+            param_space[_key(key)] = to_tune_domain(entry, asha=ts.scheduler == "asha")
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base_configs=base_configs, splits=splits, floor=floor,
                              trial_root=str((storage / experiment).resolve()),
@@ -237,7 +252,8 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
     marker = storage / f"{name}.fingerprint"
     parent_file = storage / f"{name}.parent"  # the MLflow parent run the (restored) trial logger nests under
     trials_parent = parent_run_id
-    total = ts.num_samples * len(base_configs) * math.prod(len(e.grid) for e in ts.search_space.values() if e.grid)
+    total = ts.num_samples * len(arms) * math.prod(len(e.grid) for k, e in ts.search_space.items()
+                                                    if e.grid and k not in deq_grids)
     callback = MlflowTrialLogger(tracker, settings.tracking.experiment_prefix + experiment, parent_run_id, base_configs,
                                  provenance_tags(settings, "pipelines.tune", device=False), total,
                                  settings.root / settings.data.root)
@@ -289,7 +305,7 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
     failed: dict[str, list[str]] = {}
     results: list[dict] = []
     for result in grid:
-        variant = result.config["variant_name"]
+        variant, sample = trial_point(result.config)
         if result.error is not None or not result.metrics or ts.metric not in result.metrics:
             failed.setdefault(variant, []).append(str(result.error).strip().splitlines()[-1] if result.error
                                                   else f"no {ts.metric} reported")
@@ -298,9 +314,13 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
             failed.setdefault(variant, []).append(result.metrics["failed"].splitlines()[0])
             continue
         value = result.metrics[ts.metric]
-        sample = {k.replace("__", "."): v for k, v in result.config.items() if k != "variant_name"}
+        degenerate = bool(result.metrics.get("loss_degenerate"))
         results.append({"variant": variant, "sample": sample, ts.metric: value, "step": result.metrics.get("step"),
-                        "stopped_early": stopped_early(result.metrics)})
+                        "stopped_early": stopped_early(result.metrics), "degenerate": degenerate,
+                        **{k: result.metrics[k] for k in STUDY_KEYS
+                           if isinstance(result.metrics.get(k), (int, float))}})
+        if degenerate:  # its loss fell below what the data allow (deqsm.floor): not a model to select
+            continue
         prev = best.get(variant)
         better = prev is None or (value < prev["metrics"][ts.metric] if ts.mode == "min"
                                   else value > prev["metrics"][ts.metric])

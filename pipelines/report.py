@@ -15,9 +15,11 @@ and ``<results>/benchmarks/memory_depth.jsonl`` (bench). Writes, under ``--out-d
   and what it counts, ms per step, parameters, solver steps and residual, ...; ``tables/fidelity.md`` / ``.csv``;
 - ``tables/<experiment>_depth.csv``: the effective depth of each DEQ variant (contraction, ‖Ŵ‖₂, iterations,
   depth gain, gradient cosine; :mod:`pipelines.reporting.depth`), when metrics.json has them;
+  ``tables/<experiment>_study.csv``: the depth study (a search over deq settings; :mod:`pipelines.reporting.study`);
 - ``figures/``: ``memory_depth.png``, ``memory_iters.png``, ``training_<experiment>.png``,
   ``residual_<experiment>.png``, ``tuning_<experiment>.png`` (tune trials: metric vs searched values), ``fidelity.png``,
-  ``depth_<experiment>.png`` (the headline metric against the DEQs' contraction, when measured);
+  ``depth_<experiment>.png`` (the headline metric against the DEQs' contraction, when measured),
+  ``study_<experiment>.png`` (the depth study's trials against contraction and memory, with the Pareto front);
 - ``plots/``: the figures' data as CSV for ``dvc plots`` and ``memory_depth.jsonl`` (the benchmark rows used);
 - ``REPORT.md``: all of it, with a "what to conclude / caveats" section computed from the numbers (verdicts:
   Welch's t on the means over seeds) and a convergence table per experiment;
@@ -37,6 +39,7 @@ from typing import Any
 
 from pipelines.artifacts import Artifacts
 from pipelines.reporting.depth import DEPTH_COLUMNS, depth_figure, depth_rows
+from pipelines.reporting.study import STUDY_COLUMNS, study_figure, study_rows, study_sentence
 from pipelines.reporting.figures import experiment_figures, fidelity_figure, memory_figures, tuning_figure
 from pipelines.reporting.findings import caveats, experiment_findings, fidelity_findings, memory_findings
 from pipelines.reporting.inputs import ExperimentData, ReportError, read_experiment, read_memory_bench
@@ -138,7 +141,7 @@ def run_report(settings: Settings, params: Path, root: Path | None = None, memor
     check_store(settings.tracking_uri(artifacts.root), settings.tracking.timeout)  # before anything is written
 
     started = time.time()
-    all_rows, tables, depth_csvs = {}, {}, {}
+    all_rows, tables, depth_csvs, study_lines = {}, {}, {}, {}
     for data in datas:
         rows = all_rows[data.name] = table_rows(data)
         write_csv(artifacts.tables / f"{data.name}.csv", rows, CSV_COLUMNS)
@@ -147,6 +150,10 @@ def run_report(settings: Settings, params: Path, root: Path | None = None, memor
         if depth := depth_rows(data):  # DEQ variants measured for effective depth
             depth_csvs[data.name] = [artifacts.tables / f"{data.name}_depth.csv"]
             write_csv(depth_csvs[data.name][0], depth, DEPTH_COLUMNS)
+        if study := study_rows(data, settings.tune.metric, settings.tune.mode):  # a search over deq settings
+            depth_csvs.setdefault(data.name, []).append(artifacts.tables / f"{data.name}_study.csv")
+            write_csv(depth_csvs[data.name][-1], study, STUDY_COLUMNS)
+            study_lines[data.name] = study_sentence(study, settings.tune.mode)
     fid_rows = fidelity_table_rows(fidelity)
     write_csv(artifacts.tables / "fidelity.csv", fid_rows, FIDELITY_COLUMNS)
     fidelity_md = fidelity_table_md(fid_rows)
@@ -160,6 +167,8 @@ def run_report(settings: Settings, params: Path, root: Path | None = None, memor
             figures[data.name].append(tuning)
         if (depth_png := depth_figure(artifacts, data)) is not None:
             figures[data.name].append(depth_png)
+        if (study_png := study_figure(artifacts, data, settings.tune.metric, settings.tune.mode)) is not None:
+            figures[data.name].append(study_png)
     figures["fidelity"] = [fidelity_figure(artifacts, fidelity)]
 
     bench_lines, bench_numbers = memory_findings(bench)
@@ -168,6 +177,8 @@ def run_report(settings: Settings, params: Path, root: Path | None = None, memor
     for data in datas:
         lines, nums = experiment_findings(data, all_rows[data.name], settings.deq.tol)
         conclusions += lines
+        if data.name in study_lines:
+            conclusions.append(f"`{data.name}` depth study: {study_lines[data.name]}")
         _, own_fid = fidelity_findings({data.name: data.fidelity or {}})
         numbers[data.name] = {**bench_numbers, **nums, **own_fid}
     conclusions += fid_lines

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -19,7 +18,7 @@ from deqsm.data.settings import DataSettings
 from deqsm.experiments import Depth, ModelName, VariantName, Width
 from deqsm.models import MODELS
 from deqsm.train import TrainSettings
-from pipelines import ParamsError, ServiceError, read_params_file
+from pipelines import ParamsError, read_params_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +63,18 @@ class VariantSettings(Strict):
     variant: VariantName
     depth: Depth = 2
     width: Width | None = Field(None, description="overrides the experiment's width")
+    deq: dict[str, Any] = Field(default_factory=dict, description="a DEQ variant's own values of deq.* keys "
+                                "(over the deq section), e.g. {norm: spectral, lam: 1.01}")
+
+    @model_validator(mode="after")
+    def _deq_keys(self) -> "VariantSettings":
+        if self.deq and self.variant != "deq":
+            raise ValueError(f"deq settings ({', '.join(self.deq)}) apply to a DEQ variant only; this variant is "
+                             f"{self.variant!r}")
+        if unknown := sorted(set(self.deq) - set(DEQSettings.model_fields)):
+            raise ValueError(f"unknown deq key(s) {', '.join(map(repr, unknown))}; known: "
+                             f"{', '.join(DEQSettings.model_fields)}")
+        return self
 
 
 class ExperimentSettings(Strict):
@@ -338,62 +349,6 @@ def run_experiment_stage(stage: Callable[[Settings, str], Any], module: str, doc
     stage(load_experiment_stage(args.params, args.experiment), args.experiment)
 
 
-# Exceptions from these packages are faults of a service (the MLflow store or server, its database, the network),
-# not of the code: main_guard reports them in one line. Matched by module, so the guard imports none of them.
-SERVICE_MODULES = ("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3", "ray")
-
-
-def _service_fault(err: BaseException) -> bool:
-    return isinstance(err, (ServiceError, ConnectionError, TimeoutError)) or any(
-        c.__module__.split(".")[0] in SERVICE_MODULES for c in type(err).__mro__ if c not in (Exception, BaseException))
-
-
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 400 else text[:400] + " …"
-
-
-def terminate_as_interrupt(signum, frame) -> None:
-    """SIGTERM (what `timeout`, Slurm and Kubernetes send) takes the SIGINT path: runs end KILLED, Ray Tune
-    stops its trials and saves its state, and the stage exits 130 as for Ctrl-C. The SIGINT handler is called
-    here, not SIGINT re-sent: a process started in the background inherits SIGINT ignored, and would go on."""
-    import signal
-
-    handler = signal.getsignal(signal.SIGINT)
-    if callable(handler) and handler is not signal.default_int_handler:
-        handler(signal.SIGINT, frame)  # e.g. Ray Tune's during a search: stop the trials, save the state
-    else:
-        raise KeyboardInterrupt
-
-
-def main_guard(fn) -> None:
-    """Run a stage's main; a bad-input error becomes one clear line on stderr and exit status 2, a service
-    fault (an unreachable or broken MLflow store, Ray cluster, network) one line and exit status 3, an
-    interrupt (Ctrl-C, SIGINT from DVC, or SIGTERM) exit status 130, without a traceback.
-    ``DEQSM_TRACEBACK=1`` shows the traceback of a fault as well."""
-    import signal
-
-    signal.signal(signal.SIGTERM, terminate_as_interrupt)
-    show = os.environ.get("DEQSM_TRACEBACK") == "1"
-    try:
-        fn()
-    except (ParamsError, FileNotFoundError, ValueError) as err:
-        if show:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: finished outputs are kept; run `dvc repro` again to continue", file=sys.stderr)
-        sys.exit(130)
-    except Exception as err:  # noqa: BLE001 — only service faults are answered here; others keep their traceback
-        if show or not _service_fault(err):
-            raise
-        if isinstance(err, ServiceError):  # written for the user: the service, its address, what to do
-            print(f"error: {err}", file=sys.stderr)
-        else:
-            print(f"error: {type(err).__name__}: {_first_line(err)} (set DEQSM_TRACEBACK=1 for the traceback)",
-                  file=sys.stderr)
-        sys.exit(3)
-
+from pipelines.guard import main_guard, terminate_as_interrupt  # noqa: E402,F401 (the stages' import)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -15,7 +15,7 @@ from pathlib import Path
 from ray import tune
 
 from pipelines.tracking import Tracker
-from pipelines.trials import apply_sample, flatten
+from pipelines.trials import apply_sample, flatten, trial_point
 
 # What Ray adds to every result a trial reports (when, where, which process, its own counters): not the trial's
 # figures, so not logged to MLflow as metrics.
@@ -46,8 +46,8 @@ class MlflowTrialLogger(tune.Callback):
 
     def _run_id(self, trial) -> str:
         if trial.trial_id not in self.runs:
-            cfg = apply_sample(self.base_configs[trial.config["variant_name"]],
-                               {k.replace("__", "."): v for k, v in trial.config.items() if k != "variant_name"})
+            variant, sample = trial_point(trial.config)
+            cfg = apply_sample(self.base_configs[variant], sample)
             params = flatten({k: v for k, v in cfg.items() if k in ("spec", "train", "eval_options")})
             params["variant_name"] = cfg["variant_name"]
             params["dataset"] = cfg["dataset"]
@@ -85,9 +85,10 @@ class MlflowTrialLogger(tune.Callback):
 
     def _progress(self, trials, trial, outcome: str) -> None:
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + 1
-        sample = ", ".join(f"{k.replace('__', '.')}={v}" for k, v in sorted(trial.config.items()) if k != "variant_name")
+        variant, point = trial_point(trial.config)
+        sample = ", ".join(f"{k}={v}" for k, v in sorted(point.items()))
         metric = trial.last_result.get("val_loss") if trial.last_result else None
-        print(f"[{self.experiment} {done}/{max(self.total or 0, len(trials))}] {trial.config['variant_name']} ({sample}) {outcome}"
+        print(f"[{self.experiment} {done}/{max(self.total or 0, len(trials))}] {variant} ({sample}) {outcome}"
               + (f", val_loss={metric:.4g}" if isinstance(metric, float) and math.isfinite(metric) else ""), flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

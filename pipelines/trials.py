@@ -99,7 +99,7 @@ def trial_config(settings: "Settings", experiment: str, variant: str) -> dict[st
             "width": var.width or exp.width,
             "model_options": copy.deepcopy(exp.model_options),
             "loss": exp.loss.model_dump(),
-            "deq": settings.deq.model_dump(),
+            "deq": {**settings.deq.model_dump(), **copy.deepcopy(var.deq)},  # the variant's own values win
         },
         "train": settings.experiment_train(experiment),
         "eval_options": experiment_eval_options(settings, experiment),
@@ -110,14 +110,55 @@ def trial_config(settings: "Settings", experiment: str, variant: str) -> dict[st
 
 
 def apply_sample(cfg: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a trial config with sampled values (dotted keys: train.*, width, deq.*, loss.*, model_options.*)."""
+    """A copy of a trial config with sampled values (dotted keys: train.*, width, deq.*, loss.*, model_options.*).
+    A mapping value is merged into the settings at its key (``deq: {norm: spectral, lam: 1.01}`` sets those two
+    deq keys and keeps the others): one search value can then be a bundle of settings that belong together."""
     cfg = copy.deepcopy(cfg)
     for key, value in sample.items():
         section, _, rest = key.partition(".")
         if section == "train":
-            set_dotted(cfg["train"], rest, value)
+            tree, key = cfg["train"], rest
         elif section == "width":
             cfg["spec"]["width"] = value
+            continue
         else:
-            set_dotted(cfg["spec"], key, value)
+            tree = cfg["spec"]
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                set_dotted(tree, f"{key}.{sub}" if key else sub, copy.deepcopy(v))
+        else:
+            set_dotted(tree, key, value)
     return cfg
+
+
+# Search dimensions that only a DEQ variant reads: the deq section (an explicit variant has no fixed point).
+DEQ_ONLY = "deq"
+
+
+def deq_only(key: str) -> bool:
+    """Whether search dimension ``key`` changes only DEQ variants (``deq`` or ``deq.*``)."""
+    return key.split(".")[0] == DEQ_ONLY
+
+
+def search_arms(variants: dict[str, str], grids: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The (variant, DEQ settings) pairs a search trains: each DEQ variant (``variants``: name → its
+    ``variant`` kind) with every combination of the deq-only grids, every other variant once, since the deq
+    values would train it again unchanged. Each arm: ``{"variant_name": name, "sample": {dotted key: value}}``."""
+    import itertools
+
+    arms = []
+    for name in sorted(variants):
+        if variants[name] != "deq" or not grids:
+            arms.append({"variant_name": name, "sample": {}})
+            continue
+        for values in itertools.product(*grids.values()):
+            arms.append({"variant_name": name, "sample": dict(zip(grids, values))})
+    return arms
+
+
+def trial_point(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A Ray trial's variant and its search values (dotted keys) from its config: ``variant_name`` and one key per
+    dimension (``__`` for dots), or an ``arm`` (:func:`search_arms`) where the search has deq-only grids."""
+    arm = config.get("arm") or {"variant_name": config["variant_name"], "sample": {}}
+    sample = {k.replace("__", "."): v for k, v in config.items() if k not in ("variant_name", "arm")}
+    return arm["variant_name"], {**sample, **arm["sample"]}

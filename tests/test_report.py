@@ -429,3 +429,67 @@ def test_a_degenerate_variant_is_named_in_the_convergence_table_and_the_caveats(
     assert rows["deq"][0] == "degenerate" and rows["deq"][-1] == "1/2"
     assert all(r[0] != "degenerate" and r[-1] == "0/2" for v, r in rows.items() if v != "deq"), rows
     assert "`toy`: degenerate score matching — `deq` in 1/2 seeds" in text
+
+
+def _trial(variant, lr, loss, mib, deq=None, contraction=None, degenerate=False):
+    row = {"variant": variant, "sample": {"train.lr": lr, **({"deq": deq} if deq else {})}, "val_loss": loss,
+           "step": 100, "stopped_early": False, "degenerate": degenerate, "peak_bytes": mib * 2 ** 20}
+    if contraction is not None:
+        row.update(best_deq_contraction=contraction, best_deq_iterations=4 + 20 * contraction,
+                   best_deq_depth_gain=contraction / 2)
+    return row
+
+
+def test_the_depth_study_names_the_configuration_selected_on_validation_and_why(built, tmp_path, monkeypatch):
+    """best.json of a search over deq bundles: the "Depth study" table (a row per configuration: its best
+    non-degenerate trial; a row per explicit baseline), the sentence that names the selected configuration,
+    whether depth paid and the memory against the best explicit one, the CSV, the figure and the conclusion."""
+    from pipelines.reporting.study import pareto
+
+    shallow = {"norm": "frobenius", "lam": 2.0, "backward": "phantom", "k": 2}
+    mid = {"norm": "spectral", "lam": 1.05, "backward": "phantom", "k": 8}
+    deep = {"norm": "spectral", "lam": 1.01, "gain": "learned", "backward": "implicit", "k": 2}
+    results = [_trial("deq", 1e-3, -1.4, 0.5, shallow, 0.15), _trial("deq", 3e-3, -1.5, 0.5, shallow, 0.16),
+               _trial("deq", 1e-3, -6.8, 0.6, mid, 0.85), _trial("deq", 3e-3, -6.0, 0.6, mid, 0.87),
+               _trial("deq", 1e-3, -90.0, 0.6, deep, 0.99, degenerate=True),
+               _trial("deq", 3e-3, -5.0, 0.6, deep, 0.95),
+               _trial("explicit-2", 1e-3, -3.0, 0.8), _trial("explicit-8", 1e-3, -6.5, 2.4),
+               _trial("explicit-8", 3e-3, -6.1, 2.4)]
+    (tmp_path / "out/tune/toy").mkdir(parents=True)
+    (tmp_path / "out/tune/toy/best.json").write_text(json.dumps({"trials": 9, "failed": {}, "results": results, "best": {
+        "deq": {"sample": {"train.lr": 1e-3, "deq": mid}, "metrics": {"val_loss": -6.8}}}}))
+    other, out = report_of_seeds(built, {v: {0: m} for v, m in METRICS.items()}, tmp_path, monkeypatch)
+
+    text = out["report"].read_text()
+    section = text[text.index("### Depth study (validation)"):text.index("### Convergence")]
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in section.splitlines() if line.startswith("| ") and not line.startswith("| variant")}
+    assert list(rows) == ["norm=frobenius lam=2 backward=phantom k=2",  # shallow to deep: by contraction
+                          "norm=spectral lam=1.05 backward=phantom k=8 **(selected)**",
+                          "norm=spectral lam=1.01 gain=learned backward=implicit", "depth 2", "depth 8"]  # no K
+
+    deep_row = rows["norm=spectral lam=1.01 gain=learned backward=implicit"]
+    assert deep_row[2] == "-5" and deep_row[4] == "0.950" and deep_row[-1] == "2 (1 degenerate)"  # -90: not kept
+    assert rows["depth 8"][:3] == ["explicit-8", "depth 8", "-6.5"] and rows["depth 8"][7] == "2.40"
+    assert ("Selected on validation: `deq` with norm=spectral lam=1.05 backward=phantom k=8 (val_loss -6.8, the "
+            "lowest of 3 configurations; contraction 0.850") in section
+    assert "(norm=frobenius lam=2 backward=phantom k=2, contraction 0.160) reached -1.5: depth paid" in section
+    assert "`explicit-8`, reached -6.5: the selected DEQ is better at 0.25x its memory" in section
+    assert "1 DEQ trial(s) fell below the data's score-matching floor" in section
+    assert "![depth study](figures/study_toy.png)" in section
+    assert "`toy` depth study: Selected on validation" in text[:text.index("## Caveats")]
+    png = (tmp_path / "results/figures/study_toy.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
+    with open(tmp_path / "results/tables/toy_study.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r["selected"] for r in csv_rows] == ["False", "True", "False", "False", "False"]
+    assert float(csv_rows[1]["peak_mib"]) == pytest.approx(0.6)
+    # the Pareto front over (memory, loss): only points no other beats on both
+    assert pareto([(0.5, -1.5), (0.6, -6.8), (0.8, -3.0), (2.4, -6.5), (0.6, -5.0)], "min") == [(0.5, -1.5),
+                                                                                               (0.6, -6.8)]
+
+
+def test_a_search_over_the_learning_rate_alone_has_no_depth_study(built):
+    root, _ = built
+    assert "Depth study" not in (root / "results/REPORT.md").read_text()
+    assert not (root / "results/figures/study_toy.png").exists()

@@ -8,6 +8,7 @@ from typing import Any
 
 from pipelines.artifacts import Artifacts, write_atomic
 from pipelines.reporting.depth import depth_section_md
+from pipelines.reporting.study import study_md, study_rows
 from pipelines.reporting.inputs import MEMORY_KINDS, MIB, ExperimentData, MemoryBench
 from pipelines.reporting.tables import DASH, fmt, loss_label, md_table
 from pipelines.reporting.convergence import convergence_table_md, experiment_convergence
@@ -81,6 +82,8 @@ def write_report(artifacts: Artifacts, s: Settings, params: Path, datas: list[Ex
                f"table also as [CSV](tables/{data.name}.csv), metrics from "
                f"`{artifacts.rel(artifacts.metrics(data.name))}`.\n", tables[data.name],
                *depth_section_md(artifacts, data, figures.get(data.name, [])),
+               *study_md(artifacts, data, study_rows(data, s.tune.metric, s.tune.mode), s.tune.mode,
+                         figures.get(data.name, [])),
                "### Convergence\n", convergence_table_md(experiment_convergence(data)) + "\n",
                f"![training curves]({artifacts.rel(artifacts.figures / f'training_{data.name}.png')})\n",
                f"![solver residual]({artifacts.rel(artifacts.figures / f'residual_{data.name}.png')})\n",
