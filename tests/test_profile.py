@@ -47,6 +47,33 @@ def test_the_cpu_converged_profile_only_raises_the_step_cap(tmp_path):
     assert s.train.model_dump(exclude={"steps"}) == default.train.model_dump(exclude={"steps"})
 
 
+def test_the_depth_study_profile_searches_deq_settings_on_every_default_experiment(tmp_path):
+    """profiles/depth-study.yaml: the default experiments (same datasets, models, widths) plus one on generated
+    data; a search over deq configurations and learning rates; the DEQ variants' trials are arms of that search."""
+    from pipelines.trials import search_arms, trial_config
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    default = load_params(params)
+    apply_profile(ROOT / "profiles" / "depth-study.yaml", params)
+    s = load_params(params)
+    assert set(default.experiments) < set(s.experiments) and "energy-mixture8" in s.experiments
+    for name, exp in default.experiments.items():
+        study = s.experiments[name]
+        assert (study.dataset, study.model, study.width) == (exp.dataset, exp.model, exp.width)
+        assert set(exp.variants) - {"explicit-2"} <= set(study.variants) or name == "vae-digits"
+    assert s.data.datasets["mixture8"].dim == 8 and s.data.datasets["mixture8"].shape == "gaussians"
+    bundles = s.tune.search_space["deq"].grid
+    assert len(bundles) >= 3 and {b["norm"] for b in bundles} == {"frobenius", "spectral"}
+    assert {b["backward"] for b in bundles} == {"phantom", "implicit"} and min(b["lam"] for b in bundles) < 1.05
+    assert any(b.get("gain") == "learned" for b in bundles)
+    assert len(s.tune.search_space["train.lr"].grid) >= 2
+    for name, exp in s.experiments.items():
+        arms = search_arms({v: c.variant for v, c in exp.variants.items()}, {"deq": bundles})
+        assert len(arms) == len(bundles) + len(exp.variants) - 1
+        assert trial_config(s, name, "deq")["spec"]["deq"]["norm"] == s.deq.norm  # bundles come on top
+
+
 def test_a_bad_profile_is_refused_naming_the_key_and_writes_nothing(tmp_path):
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params)
