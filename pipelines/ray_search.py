@@ -199,9 +199,10 @@ def reproducible_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k not in _RUN_SPECIFIC}
 
 
-# What each trial's entry in best.json's results holds besides its metric: the DEQ's depth at its best step and
-# what it cost (the report's depth study plots the metric against them). On the CPU the memory figure is the
-# autograd graph's saved bytes, the same on every run of one configuration.
+# What each trial's entry in best.json's results holds besides its metric: the DEQ's depth at its best step (a
+# trial ASHA stopped: at its last evaluation) and what it cost (the report's depth study plots the metric against
+# them). On the CPU the memory figure is the autograd graph's saved bytes, the same on every run of one
+# configuration.
 STUDY_KEYS = ("best_deq_contraction", "best_deq_iterations", "best_deq_depth_gain", "best_deq_weight_norm",
               "peak_bytes", "params", "best_step")
 
@@ -315,10 +316,12 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
             continue
         value = result.metrics[ts.metric]
         degenerate = bool(result.metrics.get("loss_degenerate"))
+        # a trial ASHA stopped sent no summary: its depth is the one at its last evaluation
+        study = {k: result.metrics[k] for k in STUDY_KEYS if isinstance(result.metrics.get(k), (int, float))}
+        study.update({f"best_{k}": v for k, v in result.metrics.items() if k.startswith("deq_")
+                      and f"best_{k}" in STUDY_KEYS and f"best_{k}" not in study and isinstance(v, (int, float))})
         results.append({"variant": variant, "sample": sample, ts.metric: value, "step": result.metrics.get("step"),
-                        "stopped_early": stopped_early(result.metrics), "degenerate": degenerate,
-                        **{k: result.metrics[k] for k in STUDY_KEYS
-                           if isinstance(result.metrics.get(k), (int, float))}})
+                        "stopped_early": stopped_early(result.metrics), "degenerate": degenerate, **study})
         if degenerate:  # its loss fell below what the data allow (deqsm.floor): not a model to select
             continue
         prev = best.get(variant)

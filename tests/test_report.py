@@ -456,8 +456,9 @@ def test_the_depth_study_names_the_configuration_selected_on_validation_and_why(
                _trial("explicit-2", 1e-3, -3.0, 0.8), _trial("explicit-8", 1e-3, -6.5, 2.4),
                _trial("explicit-8", 3e-3, -6.1, 2.4)]
     (tmp_path / "out/tune/toy").mkdir(parents=True)
-    (tmp_path / "out/tune/toy/best.json").write_text(json.dumps({"trials": 9, "failed": {}, "results": results, "best": {
-        "deq": {"sample": {"train.lr": 1e-3, "deq": mid}, "metrics": {"val_loss": -6.8}}}}))
+    best = {"deq": {"sample": {"train.lr": 1e-3, "deq": mid}, "metrics": {"val_loss": -6.8}}}
+    (tmp_path / "out/tune/toy/best.json").write_text(json.dumps({"trials": 9, "failed": {}, "results": results,
+                                                                "best": best}))
     other, out = report_of_seeds(built, {v: {0: m} for v, m in METRICS.items()}, tmp_path, monkeypatch)
 
     text = out["report"].read_text()
