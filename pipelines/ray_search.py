@@ -302,33 +302,40 @@ def run_search(settings: Settings, experiment: str, base_configs: dict[str, dict
         raise KeyboardInterrupt(f"tune search {name!r} interrupted with {len(unfinished)} unfinished trial(s); "
                                 f"its state is in {run_dir} and the next run resumes it")
     marker.unlink(missing_ok=True)  # finished: a later run (changed code or data) starts a new search
+    trials = [(trial_point(r.config), r.metrics, r.error) for r in grid]
+    best, failed, results = select_trials(trials, base_configs, ts.metric, ts.mode)
+    return SearchOutcome(best, failed, results, len(grid), trials_parent)
+
+
+def select_trials(trials: list[tuple[tuple[str, dict], dict | None, Exception | None]], base_configs: dict[str, dict],
+                  metric: str, mode: str) -> tuple[dict[str, dict], dict[str, list[str]], list[dict]]:
+    """A finished search's trials (``((variant, sample), metrics, error)`` each) → the best configuration per
+    variant, the failures per variant, and every finished trial's entry of best.json's ``results``. A trial that
+    failed, or whose loss fell below the data's floor (``loss_degenerate``, :mod:`deqsm.floor`), is not selected."""
     best: dict[str, dict] = {}
     failed: dict[str, list[str]] = {}
     results: list[dict] = []
-    for result in grid:
-        variant, sample = trial_point(result.config)
-        if result.error is not None or not result.metrics or ts.metric not in result.metrics:
-            failed.setdefault(variant, []).append(str(result.error).strip().splitlines()[-1] if result.error
-                                                  else f"no {ts.metric} reported")
+    for (variant, sample), metrics, error in trials:
+        if error is not None or not metrics or metric not in metrics:
+            failed.setdefault(variant, []).append(str(error).strip().splitlines()[-1] if error
+                                                  else f"no {metric} reported")
             continue
-        if isinstance(result.metrics.get("failed"), str):  # training stopped on an error (see _trainable)
-            failed.setdefault(variant, []).append(result.metrics["failed"].splitlines()[0])
+        if isinstance(metrics.get("failed"), str):  # training stopped on an error (see _trainable)
+            failed.setdefault(variant, []).append(metrics["failed"].splitlines()[0])
             continue
-        value = result.metrics[ts.metric]
-        degenerate = bool(result.metrics.get("loss_degenerate"))
+        value = metrics[metric]
+        degenerate = bool(metrics.get("loss_degenerate"))
         # a trial ASHA stopped sent no summary: its depth is the one at its last evaluation
-        study = {k: result.metrics[k] for k in STUDY_KEYS if isinstance(result.metrics.get(k), (int, float))}
-        study.update({f"best_{k}": v for k, v in result.metrics.items() if k.startswith("deq_")
+        study = {k: metrics[k] for k in STUDY_KEYS if isinstance(metrics.get(k), (int, float))}
+        study.update({f"best_{k}": v for k, v in metrics.items() if k.startswith("deq_")
                       and f"best_{k}" in STUDY_KEYS and f"best_{k}" not in study and isinstance(v, (int, float))})
-        results.append({"variant": variant, "sample": sample, ts.metric: value, "step": result.metrics.get("step"),
-                        "stopped_early": stopped_early(result.metrics), "degenerate": degenerate, **study})
-        if degenerate:  # its loss fell below what the data allow (deqsm.floor): not a model to select
+        results.append({"variant": variant, "sample": sample, metric: value, "step": metrics.get("step"),
+                        "stopped_early": stopped_early(metrics), "degenerate": degenerate, **study})
+        if degenerate:  # its loss fell below what the data allow: not a model to select
             continue
         prev = best.get(variant)
-        better = prev is None or (value < prev["metrics"][ts.metric] if ts.mode == "min"
-                                  else value > prev["metrics"][ts.metric])
-        if better:
+        if prev is None or (value < prev["metrics"][metric] if mode == "min" else value > prev["metrics"][metric]):
             best[variant] = {"config": apply_sample(base_configs[variant], sample), "sample": sample,
-                             "metrics": reproducible_metrics(result.metrics)}
+                             "metrics": reproducible_metrics(metrics)}
     results.sort(key=lambda r: (r["variant"], json.dumps(r["sample"], sort_keys=True, default=str)))
-    return SearchOutcome(best, failed, results, len(grid), trials_parent)
+    return best, failed, results

@@ -95,3 +95,30 @@ def test_the_tune_stage_searches_deq_bundles_on_the_deq_variant_and_records_each
     chosen = best["best"]["deq"]
     assert chosen["config"]["spec"]["deq"]["norm"] == chosen["sample"]["deq"]["norm"]
     assert chosen["metrics"]["val_loss"] == min(r["val_loss"] for r in deq)
+
+
+def test_a_degenerate_or_failed_trial_is_recorded_but_never_selected():
+    """The search's selection (pipelines.ray_search.select_trials): the lowest val_loss wins unless its loss fell
+    below the data's floor; a stopped trial's depth is the one at its last evaluation."""
+    from pipelines.ray_search import select_trials
+
+    base = {"deq": {"spec": {"deq": {"norm": "frobenius"}}, "train": {"lr": 1e-3}},
+            "explicit-2": {"spec": {}, "train": {"lr": 1e-3}}}
+    trials = [
+        (("deq", {"deq": SHALLOW, "train.lr": 1e-3}), {"val_loss": -1.0, "best_deq_contraction": 0.1}, None),
+        (("deq", {"deq": DEEP, "train.lr": 1e-3}), {"val_loss": -500.0, "loss_degenerate": 1.0,
+                                                    "best_deq_contraction": 0.99}, None),
+        (("deq", {"deq": DEEP, "train.lr": 3e-3}), {"val_loss": -2.0, "deq_contraction": 0.8,
+                                                    "deq_iterations": 12.0}, None),  # stopped: last evaluation
+        (("deq", {"deq": SHALLOW, "train.lr": 3e-3}), {"val_loss": 9.0, "failed": "TrainingError: NaN loss"}, None),
+        (("explicit-2", {"train.lr": 1e-3}), None, RuntimeError("worker died")),
+    ]
+    best, failed, results = select_trials(trials, base, "val_loss", "min")
+    assert set(best) == {"deq"} and best["deq"]["metrics"]["val_loss"] == -2.0
+    assert best["deq"]["config"]["spec"]["deq"] == {"norm": "spectral", "lam": 1.05, "gain": "learned"}
+    assert failed == {"deq": ["TrainingError: NaN loss"], "explicit-2": ["worker died"]}
+    assert [(r["val_loss"], r["degenerate"]) for r in results] == [(-500.0, True), (-2.0, False), (-1.0, False)]
+    stopped = results[1]
+    assert stopped["best_deq_contraction"] == 0.8 and stopped["best_deq_iterations"] == 12.0
+    assert results[0]["best_deq_contraction"] == 0.99  # its own summary's value, not replaced
+    assert select_trials(trials[:3], base, "val_loss", "max")[0]["deq"]["metrics"]["val_loss"] == -1.0
