@@ -40,9 +40,15 @@ def deq_values(sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# the order a configuration's settings are named in (others follow by name)
+LABEL_ORDER = ("norm", "lam", "gain", "backward", "k", "tau", "solver", "tol", "max_iter")
+
+
 def configuration_label(values: dict[str, Any]) -> str:
     """``norm=spectral lam=1.01 gain=learned backward=implicit`` (a phantom K only where the backward is phantom)."""
-    shown = {k: v for k, v in values.items() if not (k == "k" and values.get("backward", "phantom") != "phantom")}
+    rank = {k: i for i, k in enumerate(LABEL_ORDER)}
+    shown = {k: values[k] for k in sorted(values, key=lambda k: (rank.get(k, len(rank)), k))
+             if not (k == "k" and values.get("backward", "phantom") != "phantom")}
     return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) or "(defaults)"
 
 
@@ -141,8 +147,9 @@ def study_md(artifacts: Artifacts, data: ExperimentData, rows: list[dict[str, An
     path = study_figure_path(artifacts, data)
     return ["### Depth study (validation)\n",
             f"Also as [CSV]({artifacts.rel(artifacts.tables / f'{data.name}_study.csv')}). Each row: the best trial "
-            f"of a configuration over the other search values, by validation {rows[0]['metric']}; contraction, "
-            "iterations and depth gain of the DEQ at that trial's best step; peak memory of one training step.\n",
+            f"of a configuration over the other search values, by the search metric `{rows[0]['metric']}` (validation); "
+            "contraction, iterations and depth gain of the DEQ at that trial's best step; peak memory of one training "
+            "step.\n",
             md_table(["variant", "configuration", rows[0]["metric"], "lr", "contraction", "iterations", "depth gain",
                       "peak MiB", "trials"], body) + "\n",
             f"{study_sentence(rows, mode)}\n",
@@ -197,8 +204,10 @@ def study_figure(artifacts: Artifacts, data: ExperimentData, metric: str, mode: 
     ax_m.scatter([], [], marker="s", color="black", facecolors="none", label="explicit baselines")
     if len(front := pareto(front_pts, mode)) > 1:
         ax_m.step(*zip(*front), where="post", color="gray", lw=1, ls="--", label="Pareto front")
+    ys = sorted(abs(r[metric]) for r in results)
     for ax in (ax_c, ax_m):
-        ax.set_yscale("symlog", linthresh=1.0)
+        if ys[-1] > 50 * max(ys[len(ys) // 2], 1e-12):  # a diverged trial's loss far off the others: a log scale
+            ax.set_yscale("symlog", linthresh=1.0)
         ax.set_ylabel(f"validation {metric} ({'lower' if mode == 'min' else 'higher'} is better)")
     ax_c.axvline(1.0, ls=":", color="gray", lw=1)
     ax_c.set_xlabel("DEQ contraction at the best step (x: degenerate, below the data's floor)")
