@@ -5,8 +5,8 @@ the only modules that call Ray; Ray renames its APIs often: four places to mend)
   ASHA scheduler and the grid's middle-out order are :mod:`pipelines.asha`.
 - :func:`run_search` runs one pipeline experiment: a grid over its model variants × the search space of
   params.yaml (a grid over ``deq`` settings multiplies the DEQ variants only:
-  :func:`pipelines.trials.search_arms`), each trial calling :func:`deqsm.experiments.run`; data reaches trials once, through the
-  object store (``tune.with_parameters``); trials checkpoint through Ray's API and a crashed trial is
+  :func:`pipelines.trials.search_arms`), each trial calling :func:`deqsm.experiments.run`; data reaches trials
+  once, through the object store (``tune.with_parameters``); trials checkpoint through Ray's API and a crashed trial is
   retried from its last checkpoint (``FailureConfig``). An interrupted search (Ctrl-C / SIGINT: Ray Tune
   stops it and :func:`run_search` raises ``KeyboardInterrupt``, the stage exits 130) is resumed by the next
   run when its configuration, data and code are unchanged; a finished search is never reused.

@@ -147,7 +147,8 @@ def study_md(artifacts: Artifacts, data: ExperimentData, rows: list[dict[str, An
     path = study_figure_path(artifacts, data)
     return ["### Depth study (validation)\n",
             f"Also as [CSV]({artifacts.rel(artifacts.tables / f'{data.name}_study.csv')}). Each row: the best trial "
-            f"of a configuration over the other search values, by the search metric `{rows[0]['metric']}` (validation); "
+            f"of a configuration over the other search values, by the search metric `{rows[0]['metric']}` "
+            "(validation); "
             "contraction, iterations and depth gain of the DEQ at that trial's best step; peak memory of one training "
             "step.\n",
             md_table(["variant", "configuration", rows[0]["metric"], "lr", "contraction", "iterations", "depth gain",
