@@ -9,7 +9,7 @@ export PATH := $(if $(filter /%,$(VENV)),$(VENV),$(CURDIR)/$(VENV))/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: setup run repro test test-fast bench gpu-check ui clean
+.PHONY: setup run repro test test-fast bench gpu-check mutation-check ui clean
 MLFLOW_PORT ?= 5000
 
 setup: $(STAMP)
@@ -40,6 +40,10 @@ bench: setup
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# Each deliberate one-line bug of benchmarks/mutation_check.py's table must make its tests fail (tests/README.md).
+mutation-check: setup
+	$(PY) benchmarks/mutation_check.py
 
 # MLflow UI on 127.0.0.1 only; prints each experiment's runs page (the UI opens on a GenAI overview).
 ui: setup
