@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("deqsm", "tests", "pyproject.toml", "params.yaml", "conftest.py")
+COPIED = ("deqsm", "pipelines", "benchmarks", "profiles", "tests", "pyproject.toml", "params.yaml", "dvc.yaml",
+          "ray_cluster.yaml")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,15 @@ MUTATIONS: tuple[Mutation, ...] = (
              "s_model = -torch.autograd.grad(energy_fn(xb).sum(), xb)[0]",
              "s_model = torch.autograd.grad(energy_fn(xb).sum(), xb)[0]",
              ("tests/test_density_metrics.py",)),
+    Mutation("density test_loglik: log Z added instead of subtracted", "deqsm/models/density.py",
+             "test_loglik=mean_log_p - log_z.log_z", "test_loglik=mean_log_p + log_z.log_z",
+             ("tests/test_experiments.py::test_run_dkef_returns_the_pipeline_metrics",)),
+    Mutation("vae elbo: the entropy subtracted", "deqsm/metrics/elbo.py",
+             'keep("elbo", recon + prior + entropy)', 'keep("elbo", recon + prior - entropy)',
+             ("tests/test_generative.py::test_vae_and_ncsn_evaluate_with_their_own_metrics_and_samples",)),
+    Mutation("frechet distance halved", "deqsm/metrics/fid.py",
+             "return max(float(metric.compute()), 0.0)", "return max(float(metric.compute()) / 2, 0.0)",
+             ("tests/test_generative.py::test_vae_and_ncsn_evaluate_with_their_own_metrics_and_samples",)),
     Mutation("ssm and ssm-vr norm terms swapped", "deqsm/losses.py",
              "norm = 0.5 * (_per_sample_sum(s**2) if variance_reduced else sv**2)",
              "norm = 0.5 * (sv**2 if variance_reduced else _per_sample_sum(s**2))",

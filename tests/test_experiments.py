@@ -13,6 +13,7 @@ from deqsm.experiments import VariantSpec, build, evaluate_variant, run, train_m
 from deqsm.models import MODELS
 from deqsm.models.density import DensityEvalOptions
 from deqsm.train import TrainSettings
+from metric_references import gaussian_log_density, gaussian_score, grid_log_integral
 from model_checks import assert_one_training_step
 
 LOSSES = ["sm", "ssm", "ssm_vr", "dsm", "cp"]
@@ -33,7 +34,8 @@ def spec(model="dkef", variant="explicit", loss="ssm", **kw):
 
 # the density models (2-D data here); the VAE and NCSN families are in test_generative.py
 ENERGY_MODELS = [m for m in MODELS if MODELS.get(m).eval_options is DensityEvalOptions]
-CASES = [(m, v, l) for m in ENERGY_MODELS for v in ("explicit", "deq") for l in LOSSES + (["mle"] if m == "nice" else [])]
+CASES = [(m, v, l) for m in ENERGY_MODELS for v in ("explicit", "deq")
+         for l in LOSSES + (["mle"] if m == "nice" else [])]
 
 
 @pytest.mark.parametrize("model,variant,loss", CASES)
@@ -60,23 +62,79 @@ def test_deq_variants_train_with_every_backward_mode(model, backward):
     assert all(torch.isfinite(v).all() for v in net.state_dict().values())
 
 
-def test_run_dkef_returns_the_pipeline_metrics():
+def _score(model, x):
+    """s = −∇ₓE of the model at the rows of x (autograd, float32)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        return -torch.autograd.grad(model(x).sum(), x)[0].detach()
+
+
+def test_run_dkef_returns_the_pipeline_metrics(monkeypatch):
+    """run()'s density metrics against references computed here from the trained model and the known density:
+    the true log-likelihood and score in closed form, log Z by quadrature on a 2-D grid, the SM loss with its
+    Laplacian by central differences of the score."""
+    import deqsm.experiments as experiments
+
+    seen = {}
+
+    def keep_model(s, model, *args, **kwargs):  # the trained, finalised model run() evaluates
+        seen["model"] = model
+        return evaluate_variant(s, model, *args, **kwargs)
+
+    monkeypatch.setattr(experiments, "evaluate_variant", keep_model)
     splits = gaussian_splits(300)
-    true = torch.distributions.MultivariateNormal(torch.full((2,), 0.5), scale_tril=torch.tensor([[1.0, 0.0], [0.4, 0.6]]))
+    mean, tril = torch.full((2,), 0.5), torch.tensor([[1.0, 0.0], [0.4, 0.6]])  # the law gaussian_splits draws
+    true = torch.distributions.MultivariateNormal(mean, scale_tril=tril)
     metrics = run(spec("dkef", "deq", "ssm"), splits,
                   TrainSettings(steps=6, batch_size=32, eval_every=3, progress=False),
                   eval_options={"is_samples": 2000, "is_batch_size": 700}, true_density=true)
-    for key in ("test_loglik", "test_loglik_se", "test_log_z", "test_ssm_loss", "test_sm_loss", "test_loss", "params",
-                "peak_bytes", "step_ms_median", "solver_nstep_mean", "solver_residual_max", "best_val_loss",
-                "train_steps", "fisher_divergence", "true_test_loglik"):
+    for key in ("peak_bytes", "step_ms_median", "solver_nstep_mean", "solver_residual_max", "best_val_loss"):
         assert isinstance(metrics[key], float), key
     assert metrics["memory_kind"] == "autograd_saved_bytes"
-    assert metrics["train_steps"] == 6 and metrics["params"] > 0 and metrics["test_loglik_se"] > 0
+    assert metrics["train_steps"] == 6 and metrics["test_loglik_se"] > 0
+    model, test = seen["model"], splits["test"]
+    assert metrics["params"] == sum(p.numel() for p in model.parameters())
+
+    # the truth, written out
+    true_rows = gaussian_log_density(test, mean, tril)
+    assert metrics["true_test_loglik"] == pytest.approx(float(true_rows.mean()), rel=1e-6)
+    s_model = _score(model, test)
+    fisher = 0.5 * float((s_model.double() - gaussian_score(test, mean, tril)).pow(2).sum(1).mean())
+    assert metrics["fisher_divergence"] == pytest.approx(fisher, rel=1e-4)
+
+    # log Z: the importance-sampled estimate against quadrature (the density decays like q0 = N(0, σ0² I))
+    lim = 10 * float(model.log_q0_scale.detach().exp())
+    log_z = grid_log_integral(lambda x: -model(x), lim, lim / 100)
+    se = metrics["test_loglik_se"]
+    assert abs(metrics["test_log_z"] - log_z) <= 4 * se + 1e-3
+    with torch.no_grad():
+        model_rows = -model(test).double()
+    assert metrics["test_loglik"] == pytest.approx(float(model_rows.mean()) - metrics["test_log_z"], abs=1e-5)
+    # the fitted model against the truth on the test rows: their mean log-ratio estimates KL(p ‖ p_model) >= 0
+    log_ratio = true_rows - (model_rows - log_z)
+    ratio_se = float(log_ratio.std()) / len(test) ** 0.5
+    assert metrics["test_loglik"] <= metrics["true_test_loglik"] + 3 * ratio_se + 4 * se
+    # and the fit is real: q0 = N(0, 4I) alone is KL ≈ 1.15 nats from the truth
+    assert metrics["test_loglik"] >= metrics["true_test_loglik"] - 0.5
+
+    # SM loss = mean(½‖s‖² + tr ∂s/∂x); SSM (Rademacher v) estimates it with variance 2 Σ_{i≠j} B_ij² per row,
+    # B = sym(∂s/∂x) + ½ s sᵀ (v'Bv with v_i² = 1)
+    h = 1e-2
+    jac = torch.stack([(_score(model, test + h * e) - _score(model, test - h * e)) / (2 * h)
+                       for e in torch.eye(2)], 2).double()  # jac[b, i, j] = ∂s_i / ∂x_j
+    s = s_model.double()
+    sm = float((0.5 * s.pow(2).sum(1) + jac.diagonal(dim1=1, dim2=2).sum(1)).mean())
+    assert metrics["test_sm_loss"] == pytest.approx(sm, abs=0.03)
+    b = 0.5 * (jac + jac.transpose(1, 2)) + 0.5 * s[:, :, None] * s[:, None, :]
+    off = b - torch.diag_embed(b.diagonal(dim1=1, dim2=2))
+    ssm_se = float((2 * off.pow(2).sum((1, 2))).sum().sqrt()) / len(test)
+    assert abs(metrics["test_ssm_loss"] - sm) <= 4 * ssm_se and abs(metrics["test_loss"] - sm) <= 4 * ssm_se
 
 
 def test_run_nice_reports_exact_loglik_and_bits_per_dim():
     splits = gaussian_splits(200)
-    metrics = run(spec("nice", "explicit", "mle"), splits, TrainSettings(steps=4, batch_size=32, eval_every=2, progress=False),
+    metrics = run(spec("nice", "explicit", "mle"), splits,
+                  TrainSettings(steps=4, batch_size=32, eval_every=2, progress=False),
                   eval_options={"logit_alpha": 0.05, "pixel_levels": 17})
     assert {"test_loglik", "test_bpd", "test_ssm_loss", "test_sm_loss", "test_nll"} <= set(metrics)
     assert "test_loglik_se" not in metrics and "solver_nstep_mean" not in metrics  # exact; no DEQ

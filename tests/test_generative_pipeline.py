@@ -7,6 +7,7 @@ the report's tables judged by those metrics.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -43,20 +44,26 @@ def _metrics(root, exp: str) -> dict:
     """metrics.json with each mean over the seeds also under the metric's own name (as the report reads it)."""
     from pipelines.reporting.inputs import seed_view
 
-    return {v: seed_view(m) for v, m in json.loads((root / "results" / "experiments" / exp / "metrics.json").read_text()).items()}
+    path = root / "results" / "experiments" / exp / "metrics.json"
+    return {v: seed_view(m) for v, m in json.loads(path.read_text()).items()}
 
 
 def test_vae_is_evaluated_by_its_elbo_with_the_score_network_memory(project):
     root, _ = project
     m = _metrics(root, "vae-digits")
     assert set(m) == {"deq", "explicit"}
+    z_dim = generative_params()["experiments"]["vae-digits"]["model_options"]["z_dim"]
     for row in m.values():
-        # an ELBO of 64 binary pixels: below 0 and above the log-likelihood of coin flips (64 log 1/2 = -44.4)
-        # would need training; here only that it is a finite negative number with its parts adding up
-        assert row["test_elbo"] < 0
-        assert row["test_elbo"] == pytest.approx(row["test_recon"] + row["test_log_prior"] + row["test_entropy"], rel=1e-6)
-        # the headline: the importance-weighted bound with its errors (a valid lower bound, unlike the KDE ELBO)
-        assert row["test_iw_loglik"] < 0 and row["test_iw_loglik_se"] > 0 and row["test_iw_loglik_mc_se"] > 0
+        # binary pixels: log p(x|z) <= 0, so log p(x) <= 0 and the IW bound below it (within its Monte-Carlo error)
+        assert row["test_recon"] < 0
+        assert row["test_iw_loglik"] <= 3 * row["test_iw_loglik_mc_se"]
+        # log N(z; 0, I) is largest at z = 0: E_q log p(z) <= -(z_dim / 2) log 2π, whatever the encoder
+        assert row["test_log_prior"] <= -0.5 * z_dim * math.log(2 * math.pi)
+        # the headline: the importance-weighted bound with its errors (a valid lower bound, unlike the KDE ELBO,
+        # which is biased upwards and so is not compared with it); the smoothed encoder's ELBO, a looser bound,
+        # lies below it
+        assert row["test_iw_loglik_se"] > 0 and row["test_iw_loglik_mc_se"] > 0
+        assert row["test_elbo_smoothed"] <= row["test_iw_loglik"] + 3 * row["test_iw_loglik_mc_se"]
         assert row["score_step_peak_bytes"] > 0 and row["score_net_params"] > 0 and row["peak_bytes"] > 0
         assert "test_loglik" not in row
     assert m["deq"]["solver_nstep_mean"] >= 1
@@ -67,10 +74,15 @@ def test_ncsn_is_evaluated_by_the_frechet_distance_of_its_samples(project):
     m = _metrics(root, "ncsn-digits")
     assert set(m) == {"deq", "explicit-2"}
     for row in m.values():
-        assert row["fd_digits_cnn"] > 0 and row["fd_digits_cnn_train_vs_test"] > 0
         assert row["fd_samples"] == 64 and row["test_loss"] > 0
-        assert row["fd_digits_cnn_ci_low"] <= row["fd_digits_cnn"] <= row["fd_digits_cnn_ci_high"]
-        assert "kid_digits_cnn" in row and row["kid_digits_cnn_std"] >= 0 and "kid_digits_cnn_train_vs_test" in row
+        for key in ("fd_digits_cnn", "fd_digits_cnn_train_vs_test"):
+            assert 0 <= row[f"{key}_ci_low"] <= row[key] <= row[f"{key}_ci_high"], key
+        # real training digits are far closer to the test digits than a 12-step model's samples, in both
+        # distances; the features separate the digits (10 classes: chance is 0.1)
+        assert row["fd_digits_cnn_train_vs_test_ci_high"] < row["fd_digits_cnn_ci_low"]
+        assert row["kid_digits_cnn_train_vs_test"] < row["kid_digits_cnn"] - 2 * row["kid_digits_cnn_std"]
+        assert row["fd_classifier_test_accuracy"] > 0.5
+        assert row["kid_digits_cnn_std"] >= 0
     # the reference (training vs test images) does not depend on the model
     assert m["deq"]["fd_digits_cnn_train_vs_test"] == m["explicit-2"]["fd_digits_cnn_train_vs_test"]
 
