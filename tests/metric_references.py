@@ -1,5 +1,5 @@
 """Independent references for the metric tests: each figure computed here from its definition, by a route that
-shares no code with deqsm.metrics (closed forms, grid quadrature in two dimensions, plain Monte Carlo)."""
+shares no code with deqsm.metrics (closed forms, grid quadrature in one or two dimensions, plain Monte Carlo)."""
 from __future__ import annotations
 
 import math
@@ -24,19 +24,19 @@ def gaussian_score(x: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor
     return -torch.linalg.solve(cov, (x.double() - mean.double()).T).T
 
 
-def square_grid(lim: float, step: float) -> torch.Tensor:
-    """The nodes of a square grid on [−lim, lim]² with spacing ``step``, as rows (G, 2)."""
+def square_grid(lim: float, step: float, dim: int = 2) -> torch.Tensor:
+    """The nodes of a grid on [−lim, lim]^dim with spacing ``step``, as rows (G, dim), float64."""
     g = torch.arange(-lim, lim + step / 2, step, dtype=torch.float64)
-    return torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    return torch.stack(torch.meshgrid(*([g] * dim), indexing="ij"), -1).reshape(-1, dim)
 
 
-def grid_log_integral(log_f, lim: float, step: float, batch: int = 20_000) -> float:
-    """log ∫ exp(log_f(x)) dx over [−lim, lim]² by the rectangle rule (spectrally accurate for a smooth,
-    decaying integrand); ``log_f`` maps float32 rows (B, 2) to (B,)."""
-    nodes = square_grid(lim, step).float()
+def grid_log_integral(log_f, lim: float, step: float, dim: int = 2, batch: int = 20_000) -> float:
+    """log ∫ exp(log_f(x)) dx over [−lim, lim]^dim by the rectangle rule (spectrally accurate for a smooth,
+    decaying integrand), in log space; ``log_f`` maps rows (B, dim) of the default dtype to (B,)."""
+    nodes = square_grid(lim, step, dim).to(torch.get_default_dtype())
     with torch.no_grad():
         values = torch.cat([log_f(b).double() for b in nodes.split(batch)])
-    return float(torch.logsumexp(values, 0)) + 2 * math.log(step)
+    return float(torch.logsumexp(values, 0)) + dim * math.log(step)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -93,15 +93,3 @@ def gaussian_entropy(scale_tril: torch.Tensor) -> float:
     """H[N(μ, L Lᵀ)] = (d/2) log(2πe) + Σ log L_ii."""
     d = scale_tril.shape[0]
     return 0.5 * d * (LOG_2PI + 1) + float(scale_tril.double().diagonal().log().sum())
-
-
-# ---------------------------------------------------------------------------------------------------
-# the Fréchet distance of two sets of feature rows, in closed form
-# ---------------------------------------------------------------------------------------------------
-def frechet_closed_form(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖μ_a − μ_b‖² + tr Σ_a + tr Σ_b − 2 tr (Σ_a Σ_b)^{1/2} of the rows' Gaussians (unbiased covariances),
-    with tr (Σ_a Σ_b)^{1/2} = Σ √λ over the eigenvalues of Σ_a Σ_b (real and ≥ 0: a product of PSD matrices)."""
-    a, b = a.double(), b.double()
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    eig = torch.linalg.eigvals(cov_a @ cov_b).real.clamp_min(0)
-    return float((a.mean(0) - b.mean(0)).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * eig.sqrt().sum())

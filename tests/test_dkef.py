@@ -12,6 +12,7 @@ from deqsm.metrics.density import importance_log_normaliser
 from deqsm.metrics.proposals import GaussianProposal
 from deqsm.models.dkef import ALPHA_SYSTEMS, DKEFObjective, build_dkef
 from deqsm.train import TrainSettings, fit
+from metric_references import grid_log_integral
 from model_checks import assert_cp_unbiased
 
 EXACT_DEQ = DEQSettings(tol=1e-12, max_iter=300)
@@ -62,21 +63,11 @@ def test_layered_energy_matches_and_cp_estimates_the_sm_loss(float64, variant):
     assert_cp_unbiased(model, xb, sm["trace"], draws=300, max_rel_se=0.15)  # unbiased: within 4 se of its spread
 
 
-def _grid_log_z(model, lim, n, dim):
-    axis = torch.linspace(-lim, lim, n)
-    pts = torch.cartesian_prod(*([axis] * dim)).view(-1, dim) if dim > 1 else axis[:, None]
-    with torch.no_grad():
-        vals = torch.exp(model.log_unnormalised(pts)).view(*([n] * dim))
-    for _ in range(dim):
-        vals = torch.trapezoid(vals, axis, dim=0)
-    return math.log(float(vals))
-
-
 @pytest.mark.parametrize("dim,lim,n", [(1, 16.0, 4001), (2, 14.0, 301)])
 def test_importance_sampled_log_z_agrees_with_numerical_integration(float64, dim, lim, n):
     model, _ = tiny("explicit", dim=dim, n_inducing=5, seed=dim, q0_scale=1.5)
     model.alpha.copy_(torch.tensor([1.5, -1.0, 2.0, 0.5, -0.8]))
-    exact = _grid_log_z(model, lim, n, dim)
+    exact = grid_log_integral(model.log_unnormalised, lim, 2 * lim / (n - 1), dim)  # n nodes per axis
     assert abs(exact) > 0.05  # the kernels move log Z away from q0's 0
     est = importance_log_normaliser(model.log_unnormalised, GaussianProposal(dim, 2.0), n_samples=40_000, batch_size=7000,
                                     generator=torch.Generator().manual_seed(0), dtype=torch.float64)
