@@ -1,10 +1,11 @@
 """Mutation check of the numerical core: apply one deliberate one-line bug at a time and run the tests that
 should catch it; print one JSON line per mutation (and a summary line).
 
-Each mutation is applied to a private copy of the project (``deqsm/``, ``tests/`` and the config files, in a
-temporary directory), never to the working tree, and the copy is imported in place of the installed package
-(``PYTHONPATH``); the script checks that it is. A row is ``caught`` when its tests fail with the bug and pass
-without it (the unmutated copy is run with the same tests first).
+Each mutation is applied to one private copy of the project (``deqsm/``, ``pipelines/``, ``tests/`` and the
+config files, in a temporary directory; the file is restored after each mutation), never to the working tree,
+and the copy is imported in place of the installed package (``PYTHONPATH``); the script checks that it is. A row
+is ``caught`` when its tests fail with the bug and pass without it (the unmutated copy is run with the same tests
+first, once per set of tests).
 
     python benchmarks/mutation_check.py                 # the whole table (issue 15's bugs)
     python benchmarks/mutation_check.py --only phantom  # the rows whose name contains "phantom"
@@ -105,15 +106,19 @@ def _copy_project(dst: Path) -> None:
             shutil.copy2(src, dst / name)
 
 
-def _run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> dict:
+def _environment(copy: Path) -> dict[str, str]:
+    """The environment that imports the copy's packages; checked once, before any test runs."""
     env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
     probe = subprocess.run([sys.executable, "-c", "import deqsm; print(deqsm.__file__)"], cwd=copy, env=env,
                            capture_output=True, text=True, check=True)
     if not Path(probe.stdout.strip()).resolve().is_relative_to(copy.resolve()):
         raise RuntimeError(f"the copy's deqsm is not the one imported ({probe.stdout.strip()}): check PYTHONPATH")
-    report = copy / "report.json"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not integration",
-           "-o", "addopts=", f"--junitxml={report}", *tests]
+    return env
+
+
+def _run_tests(copy: Path, env: dict[str, str], tests: tuple[str, ...], timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not integration", "-o", "addopts=",
+           *tests]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
@@ -125,18 +130,22 @@ def _run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> dict:
             "summary": lines[-1] if lines else proc.stderr.strip()[-300:]}
 
 
-def check(m: Mutation, timeout: float) -> dict:
-    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
-        copy = Path(tmp)
-        _copy_project(copy)
-        baseline = _run_tests(copy, m.tests, timeout)
-        path = copy / m.file
-        text = path.read_text()
-        if text.count(m.old) != 1:
-            raise SystemExit(f"mutation {m.name!r}: expected one occurrence of its text in {m.file}, "
-                             f"found {text.count(m.old)} (the code moved: update the table)")
+def check(m: Mutation, copy: Path, env: dict[str, str], baselines: dict, timeout: float) -> dict:
+    """Run ``m``'s tests on the unmutated copy (once per set of tests: ``baselines`` keeps the result), then with
+    the bug in place; the file is restored afterwards, so the copy serves the next mutation."""
+    path = copy / m.file
+    text = path.read_text()
+    if text.count(m.old) != 1:
+        raise SystemExit(f"mutation {m.name!r}: expected one occurrence of its text in {m.file}, "
+                         f"found {text.count(m.old)} (the code moved: update the table)")
+    if m.tests not in baselines:
+        baselines[m.tests] = _run_tests(copy, env, m.tests, timeout)
+    baseline = baselines[m.tests]
+    try:
         path.write_text(text.replace(m.old, m.new))
-        mutated = _run_tests(copy, m.tests, timeout)
+        mutated = _run_tests(copy, env, m.tests, timeout)
+    finally:
+        path.write_text(text)
     caught = baseline["rc"] == 0 and mutated["rc"] not in (0, None)
     return {"mutation": m.name, "file": m.file, "tests": list(m.tests), "caught": caught,
             "baseline": baseline["summary"], "baseline_seconds": baseline["seconds"],
@@ -166,11 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = [m for m in MUTATIONS if args.only in m.name]
         if not rows:
             ap.error(f"no mutation's name contains {args.only!r} (see --list)")
-    results = []
-    for m in rows:
-        r = check(m, args.timeout)
-        results.append(r)
-        print(json.dumps(r), flush=True)
+    results: list[dict] = []
+    baselines: dict[tuple[str, ...], dict] = {}
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        copy = Path(tmp)
+        _copy_project(copy)
+        env = _environment(copy)
+        for m in rows:
+            results.append(check(m, copy, env, baselines, args.timeout))
+            print(json.dumps(results[-1]), flush=True)
     survived = [r["mutation"] for r in results if not r["caught"]]
     print(json.dumps({"summary": {"mutations": len(results), "caught": len(results) - len(survived),
                                   "survived": survived}}), flush=True)
